@@ -1,0 +1,3 @@
+from emailproxy.cli import main
+
+raise SystemExit(main())
