@@ -27,7 +27,7 @@ CLIENT_ID, CLIENT_SECRET, PASSWORD = "bench-client", "bench-secret", "bench-loca
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def direct_login(host: str, port: int, ctx: ssl.SSLContext, user: str, token: str) -> float:
@@ -61,7 +61,9 @@ def fetch_rate(imap: imaplib.IMAP4, size: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--logins", type=int, default=200)
     parser.add_argument("--fetch-mib", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
@@ -80,8 +82,9 @@ def main() -> None:
         proxy = launch(world.ca_path, tmp / "proxy", {
             f"IMAP-{ports['IMAP']}": {"server_address": d.host, "server_port": str(d.imaps)},
             "emailproxy": {"allow_catch_all_accounts": "True"},
-            f"@{world.domain}": {"token_url": world.idp.token_url(), "oauth2_scope": "https://outlook.office365.com/.default",
-                   "oauth2_flow": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
+            f"@{world.domain}": {
+                "token_url": world.idp.token_url(), "oauth2_scope": "https://outlook.office365.com/.default",
+                "oauth2_flow": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
         }, ports)
         # the proxy's log at --debug costs time; the figures below are with --debug on (worst case)
         ctx = ssl.create_default_context(cafile=str(world.ca_path))
@@ -109,7 +112,8 @@ def main() -> None:
         direct_rates, proxy_rates = [], []
         for _ in range(args.runs):
             imap = imaplib.IMAP4_SSL(d.host, d.imaps, ssl_context=ctx)
-            imap.authenticate("XOAUTH2", lambda _c: f"user={big_user}\x01auth=Bearer {big_token}\x01\x01".encode())
+            blob = f"user={big_user}\x01auth=Bearer {big_token}\x01\x01".encode()
+            imap.authenticate("XOAUTH2", lambda _c, blob=blob: blob)
             direct_rates.append(fetch_rate(imap, size))
             imap.logout()
             imap = imaplib.IMAP4("127.0.0.1", ports["IMAP"])

@@ -6,7 +6,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "emailproxy"
-IO_MODULES = {"asyncio", "socket", "ssl", "http", "urllib", "requests", "selectors", "threading", "subprocess"}
+IO_MODULES = {
+    "asyncio", "socket", "ssl", "http", "urllib", "requests", "selectors", "threading", "subprocess"
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""Runs the real proxy (``python -m emailproxy``) as a subprocess on free loopback ports, for integration tests."""
+"""Runs the real proxy (``python -m emailproxy``) as a subprocess on free loopback ports, for tests."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Proxy:
 
     def start(self, timeout: float = 15.0) -> None:
         self.stderr_path = self.log_path.with_suffix(".stderr")
-        stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - handed to the child
+        stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "emailproxy", "--config-file", str(self.config_path),
              "--log-file", str(self.log_path), "--debug", "--no-gui", *self.args],

@@ -12,7 +12,7 @@ from tests.integration.conftest import World
 from tests.integration.proxy import Proxy, allocate_ports, launch
 
 CLIENT_ID = "ccg-client"
-CLIENT_SECRET = "ccg-secret-value"  # noqa: S105 - test secret
+CLIENT_SECRET = "ccg-secret-value"
 
 
 @pytest.fixture
