@@ -1,9 +1,11 @@
-"""Command line: ``emailproxy [options]`` runs the proxy (the reference's flags are all accepted)."""
+"""Command line: ``emailproxy [options]`` runs the proxy (the reference's flags are all accepted);
+``emailproxy <subcommand> ...`` runs one of the commands listed in :mod:`emailproxy.commands`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import sys
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emailproxy import APP_NAME, __version__
+from emailproxy.commands import COMMANDS
 from emailproxy.config import Config, ConfigError, load_config
 from emailproxy.configwrite import ConfigFileStore
 from emailproxy.log import setup_logging
@@ -49,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in COMMANDS:
+        name = arguments.pop(0)
+        if name != "run":
+            command = importlib.import_module(COMMANDS[name])
+            code: int = command.main(arguments)
+            return code
+    return run(arguments)
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run the proxy until SIGINT or SIGTERM."""
     args = build_parser().parse_args(argv)
     setup_logging(debug=args.debug, log_file=args.log_file)
     config_path = Path(args.config_file) if args.config_file else Path.cwd() / "emailproxy.config"

@@ -1,0 +1,11 @@
+"""Subcommands: ``emailproxy <name> ...``. Each module here defines ``main(argv: Sequence[str]) -> int``.
+
+Running the proxy (``emailproxy [flags]`` or ``emailproxy run [flags]``) is the default.
+"""
+
+from __future__ import annotations
+
+#: subcommand name -> module (imported only when used, so start-up stays fast)
+COMMANDS: dict[str, str] = {
+    "run": "emailproxy.cli",
+}
