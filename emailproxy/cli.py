@@ -9,16 +9,19 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from emailproxy import APP_NAME, __version__
+from emailproxy.checks import check_config
 from emailproxy.commands import COMMANDS
 from emailproxy.config import Config, ConfigError, load_config
 from emailproxy.configwrite import ConfigFileStore
-from emailproxy.log import setup_logging
+from emailproxy.log import LOG_FORMATS, LogSetupError, setup_logging
 from emailproxy.oauth.endpoint import TokenEndpoint
+from emailproxy.oauth.interactive import AuthorisationBroker
 from emailproxy.oauth.tokens import TokenManager
+from emailproxy.reload import ConfigReloader
 from emailproxy.server import ListenError, ProxyServer
 
 log = logging.getLogger("emailproxy")
@@ -39,14 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-store", default=None,
                         help="keep cached tokens in this file instead of the configuration file")
     parser.add_argument("--log-file", default=None, help="also log to this file (rotated at 32 MiB, 10 kept)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="json: one JSON object per line in the --log-file (on stderr when there is no "
+                        "log file); stderr otherwise stays human-readable")
+    parser.add_argument("--syslog", action="store_true",
+                        help="also log to the system log (/dev/log) with the ident 'emailproxy'; stderr is "
+                        "then used only when it is a terminal, so a journal does not get each line twice")
     parser.add_argument("--debug", action="store_true",
                         help="log every protocol line before login (credentials are always hidden)")
     parser.add_argument("--no-gui", action="store_true",
                         help="accepted for compatibility; this proxy never shows a GUI")
     parser.add_argument("--external-auth", action="store_true",
-                        help="interactive authorisation: paste the final redirect URL in the terminal")
+                        help="interactive authorisation: also accept the final redirect URL pasted in the "
+                        "terminal (needs a TTY)")
     parser.add_argument("--local-server-auth", action="store_true",
-                        help="interactive authorisation: receive the redirect on a local web server")
+                        help="accepted for compatibility: the redirect listener always runs")
     parser.add_argument("--version", action="version", version=f"{APP_NAME} (emailproxy) {__version__}")
     return parser
 
@@ -65,7 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(argv: Sequence[str]) -> int:
     """Run the proxy until SIGINT or SIGTERM."""
     args = build_parser().parse_args(argv)
-    setup_logging(debug=args.debug, log_file=args.log_file)
+    try:
+        setup_logging(
+            debug=args.debug, log_file=args.log_file, log_format=args.log_format, syslog=args.syslog
+        )
+    except LogSetupError as e:
+        print(f"emailproxy: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     config_path = Path(args.config_file) if args.config_file else Path.cwd() / "emailproxy.config"
     cache_store = args.cache_store
     if cache_store and cache_store.startswith("aws:"):
@@ -77,45 +93,56 @@ def run(argv: Sequence[str]) -> int:
     except ConfigError as e:
         print(f"emailproxy: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    for warning in config.warnings:
-        log.warning("%s", warning)
+    for finding in check_config(config):  # the checks of `emailproxy check` (load warnings included)
+        if finding.is_problem:
+            log.warning("%s", finding.describe(str(config.path)))
     log.info("Starting %s %s with %s", APP_NAME, __version__, config.path)
     store = ConfigFileStore(Path(cache_store) if cache_store else config.path)
-    tokens = TokenManager(config, store, TokenEndpoint())
+    endpoint = TokenEndpoint()
+    broker = AuthorisationBroker.for_config(config, endpoint)
+    tokens = TokenManager(config, store, endpoint, interactive=broker)
     try:
-        return asyncio.run(_serve(config, tokens, config_path, cache_store))
+        return asyncio.run(_serve(config, tokens, config_path, cache_store, broker, args.external_auth))
     except KeyboardInterrupt:
         return EXIT_OK
 
 
-async def _serve(config: Config, tokens: TokenManager, config_path: Path, cache_store: str | None) -> int:
+async def _serve(config: Config, tokens: TokenManager, config_path: Path, cache_store: str | None,
+                 broker: AuthorisationBroker, external_auth: bool) -> int:
     proxy = ProxyServer(config, tokens)
+    await broker.configure(config)  # the redirect listener is up before the first login can need it
+    if external_auth:
+        broker.start_terminal()
     try:
         await proxy.start()
     except ListenError as e:
         log.error("%s", e)
+        await broker.stop()
         return EXIT_RUNTIME
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, proxy.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, _reload, proxy, tokens, config_path, cache_store)
+    reloader = ConfigReloader(config_path, config, _reload(proxy, tokens, broker), cache_store=cache_store)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
+    reloader.start()
     await proxy.wait_stopped()
+    loop.remove_signal_handler(signal.SIGHUP)
+    await reloader.close()
     log.info("Stopping: closing %d connection(s)", len(proxy.connections))
     await proxy.stop()
+    await broker.stop()
     log.info("Stopped")
     return EXIT_OK
 
 
-def _reload(proxy: ProxyServer, tokens: TokenManager, config_path: Path, cache_store: str | None) -> None:
-    """SIGHUP: re-read the file; account settings apply at once, listener changes need a restart."""
-    try:
-        config = load_config(config_path, cache_store=cache_store)
-    except ConfigError as e:
-        log.error("Reload failed, keeping the running configuration: %s", e)
-        return
-    tokens.update_config(config)
-    if config.servers != proxy.config.servers:
-        log.warning("Reloaded accounts; changes to server sections take effect after a restart")
-    else:
-        log.info("Reloaded the configuration")
-    proxy.config = config
+def _reload(
+    proxy: ProxyServer, tokens: TokenManager, broker: AuthorisationBroker
+) -> Callable[[Config], Awaitable[None]]:
+    """What a reload does with a valid new configuration: accounts at once, then the listeners."""
+
+    async def apply(config: Config) -> None:
+        tokens.update_config(config)
+        await proxy.apply(config)
+        await broker.configure(config)
+
+    return apply

@@ -74,6 +74,10 @@ class GlobalOptions:
     encrypt_client_secret_on_first_use: bool = False
     use_login_password_as_client_credentials_secret: bool = False
     allow_catch_all_accounts: bool = False
+    #: not in the reference: seconds a login is held while an interactive authorisation is pending
+    authorisation_wait_seconds: float = 60.0
+    #: not in the reference: also show the authorisation page to clients on other machines
+    allow_remote_authorisation_page: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from emailproxy.config import (
     parse_boolean,
     resolve_account,
 )
+from emailproxy.oauth.credentials import setting_problems
 
 _SERVER_LIKE_RE = re.compile(r"^(IMAP|POP|SMTP)-(.*)$")
 _SERVER_LOOKALIKE_RE = re.compile(r"^(imap|pop3?|smtp)[-_ ]?\d+$", re.IGNORECASE)
@@ -53,6 +54,7 @@ _MS_SCOPE_NAMES = (
     "IMAP.AccessAsUser.All",
     "POP.AccessAsUser.All",
     "SMTP.Send",
+    "SMTP.SendAsApp",
     ".default",
     "EWS.AccessAsUser.All",
 )
@@ -254,7 +256,7 @@ class _Loader:
                 f"'{value}' is a markdown link, not a URL",
                 section,
                 key,
-                f"write just the address: {key} = {link.group(1)}",
+                f"write just the address: {key} = {_link_address(value)}",
             )
         parts = urlsplit(value)
         if parts.scheme.lower() not in ("http", "https") or not parts.netloc or " " in value:
@@ -280,6 +282,13 @@ class _Loader:
             )
 
 
+def _link_address(value: str) -> str:
+    """The address in a markdown link ``[text](target)``: the text when it is a URL (targets pasted from
+    rendered pages often carry junk such as ``%22%5C``), else the target."""
+    text, _, target = value[1:-1].partition("](")
+    return text if urlsplit(text).scheme.lower() in ("http", "https") else target
+
+
 def _inline_hint(value: str) -> str:
     return "; inline comments are not supported" if "#" in value or ";" in value else ""
 
@@ -303,9 +312,30 @@ def _load_globals(
     values = {
         f.name: loader.boolean(GLOBAL_SECTION, f.name, section[f.name])
         for f in fields(GlobalOptions)
-        if f.name in section
+        if f.name in section and f.name != _WAIT_KEY
     }
-    return GlobalOptions(**values)
+    wait = GlobalOptions().authorisation_wait_seconds
+    if section.get(_WAIT_KEY, "").strip():
+        wait = _seconds(loader, section[_WAIT_KEY])
+    return GlobalOptions(**values, authorisation_wait_seconds=wait)
+
+
+_WAIT_KEY = "authorisation_wait_seconds"
+
+
+def _seconds(loader: _Loader, value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 3600:
+        raise loader.error(
+            f"'{value}' is not a number of seconds from 0 to 3600",
+            GLOBAL_SECTION,
+            _WAIT_KEY,
+            "for example authorisation_wait_seconds = 60" + _inline_hint(value),
+        )
+    return number
 
 
 def _load_server(
@@ -472,6 +502,8 @@ def _check_accounts(
                     name,
                     hint="set allow_catch_all_accounts = True in [emailproxy] to use it",
                 )
+            elif (resolved := resolve_account(accounts, name, True)) is not None:
+                _check_credential_files(loader, resolved)
             continue
         account = resolve_account(accounts, name, options.allow_catch_all_accounts)
         if account is not None:
@@ -511,6 +543,15 @@ def _check_account(loader: _Loader, account: AccountConfig) -> None:
     if account.oauth2_scope:
         for problem in scope_problems(account.oauth2_scope, account.oauth2_flow, account.token_url):
             loader.warn(problem, name, "oauth2_scope")
+    _check_credential_files(loader, account)
+
+
+def _check_credential_files(loader: _Loader, account: AccountConfig) -> None:
+    """Key and certificate files that token requests will read must exist and be readable."""
+    for problem in setting_problems(account):
+        if problem.fatal:
+            raise loader.error(problem.message, account.section, problem.key, problem.hint)
+        loader.warn(problem.message, account.section, problem.key, problem.hint)
 
 
 def read_config(path: Path, cache_path: Path | None, require_servers: bool) -> Config:

@@ -15,6 +15,7 @@ from emailproxy.protocols.events import Session, SessionOptions
 from emailproxy.protocols.imap import ImapSession
 from emailproxy.protocols.pop import PopSession
 from emailproxy.protocols.smtp import SmtpSession
+from emailproxy.reload import ListenerPlan, needs_rebind, plan_listeners
 from emailproxy.tls import local_context, upstream_context
 
 log = logging.getLogger("emailproxy.server")
@@ -100,6 +101,15 @@ class Listener:
         conn.log.debug("accepted connection")
         return conn.client
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket; sessions already accepted carry on until they end."""
+        if self.server is not None:
+            self.server.close()  # (wait_closed() would wait for those sessions on Python 3.12+)
+            self.server = None
+
+    def sessions(self) -> int:
+        return sum(1 for c in self.proxy.connections if c.settings.section == self.settings.section)
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -128,6 +138,63 @@ class ProxyServer:
             for listener in self.listeners:
                 await listener.stop()
             raise
+
+    async def apply(self, config: Config) -> ListenerPlan:
+        """Reconcile the listeners with a reloaded configuration; never raises (problems are logged).
+
+        Unchanged listeners keep running untouched. Removed ones stop accepting; their sessions continue
+        until they end. A changed listener whose socket settings (address, port, local TLS) are the same
+        takes the new settings in place; otherwise it is rebound. Either way its existing sessions keep
+        their old settings and new connections get the new ones. A listener that cannot be (re)bound is
+        reported; a failed rebind restores the old listener, and the next reload tries again.
+        """
+        plan = plan_listeners((listener.settings for listener in self.listeners), config.servers)
+        self.config = config
+        running = {listener.settings.section: listener for listener in self.listeners}
+        for settings in plan.removed:
+            listener = running.pop(settings.section)
+            listener.stop_accepting()
+            log.info("[%s] removed from the configuration: stopped listening on %s:%d; %d session(s) "
+                     "continue until they end", settings.section, settings.local_address, settings.local_port,
+                     listener.sessions())
+        rebinding: list[tuple[Listener, Listener]] = []
+        for old, new in plan.changed:
+            listener = running[new.section]
+            if not needs_rebind(old, new):
+                listener.settings = new
+                log.info("[%s] changed: new connections go to %s:%d (%s); %d existing session(s) unchanged",
+                         new.section, new.server_address, new.server_port,
+                         "STARTTLS" if new.server_starttls else "TLS", listener.sessions())
+                continue
+            try:
+                replacement = Listener(new, self)  # loads the certificate before the old socket closes
+            except ListenError as e:
+                log.error("%s; [%s] keeps its previous settings", e, new.section)
+                continue
+            listener.stop_accepting()
+            rebinding.append((listener, replacement))
+        for listener, replacement in rebinding:
+            try:
+                await replacement.start()
+                running[replacement.settings.section] = replacement
+            except ListenError as e:
+                log.error("%s; restoring the previous settings of [%s]", e, listener.settings.section)
+                try:
+                    await listener.start()
+                except ListenError as again:
+                    log.error("%s", again)
+                    running.pop(listener.settings.section)
+        for settings in plan.added:
+            try:
+                added = Listener(settings, self)
+                await added.start()
+            except ListenError as e:
+                log.error("%s; the next reload will try [%s] again", e, settings.section)
+                continue
+            running[settings.section] = added
+        order = {s.section: index for index, s in enumerate(config.servers)}
+        self.listeners = sorted(running.values(), key=lambda lst: order.get(lst.settings.section, len(order)))
+        return plan
 
     def request_stop(self) -> None:
         self._stopped.set()

@@ -7,9 +7,11 @@ this module does not know is sent verbatim as ``grant_type``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 from emailproxy.config import AccountConfig
+from emailproxy.oauth import credentials
 
 AUTHORIZATION_CODE = "authorization_code"
 DEVICE = "device"
@@ -69,28 +71,36 @@ def config_problem(account: AccountConfig) -> ConfigProblem | None:
     return None
 
 
-def _client_fields(account: AccountConfig, client_secret: str | None) -> dict[str, str]:
-    form = {"client_id": account.client_id or ""}
-    if client_secret:
-        form["client_secret"] = client_secret
-    return form
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """Where to POST a token request, and its form (which may hold secrets: kept out of the repr)."""
+
+    url: str
+    form: dict[str, str] = dataclasses.field(repr=False)
 
 
-def token_request(
-    account: AccountConfig, username: str, password: str, client_secret: str | None
-) -> dict[str, str]:
-    """The form for a fresh token from a non-interactive flow.
+def _client_fields(account: AccountConfig, client_secret: str | None, now: float | None) -> dict[str, str]:
+    """client_id plus the secret or, with certificate settings and no secret, a JWT client assertion."""
+    return credentials.client_fields(account, client_secret, account.token_url or "", now)
+
+
+def fresh_token_request(
+    account: AccountConfig, username: str, password: str, client_secret: str | None, now: float | None = None
+) -> TokenRequest:
+    """The request for a fresh token from a non-interactive flow (blocking: may read key files and sign).
 
     ``client_secret`` is the one to send (plaintext, decrypted, or the login password when
-    ``use_login_password_as_client_credentials_secret`` applies); the caller chooses it.
-    Raises :class:`FlowUnavailable` for flows that are not implemented here.
+    ``use_login_password_as_client_credentials_secret`` applies); the caller chooses it. ``now`` dates
+    JWT assertions. Raises :class:`FlowUnavailable` for flows that are not implemented here and
+    :class:`~emailproxy.oauth.credentials.CredentialError` when a key or certificate cannot be used.
     """
     flow = effective_flow(account)
     if flow is None or flow in INTERACTIVE_FLOWS:
         raise FlowUnavailable(flow or AUTHORIZATION_CODE, interactive=True)
     if flow == SERVICE_ACCOUNT:
-        raise FlowUnavailable(flow, interactive=False)
-    form = _client_fields(account, client_secret)
+        url, form = credentials.service_account_request(account, username, client_secret, now)
+        return TokenRequest(url, form)
+    form = _client_fields(account, client_secret, now)
     scope = (account.oauth2_scope or "").strip()
     if flow == ROPC:
         form["username"] = username
@@ -104,12 +114,24 @@ def token_request(
     if account.redirect_uri:
         form["redirect_uri"] = account.redirect_uri
     form["grant_type"] = flow
-    return form
+    return TokenRequest(account.token_url or "", form)
 
 
-def refresh_request(account: AccountConfig, client_secret: str | None, refresh_token: str) -> dict[str, str]:
-    """The form that exchanges a refresh token (RFC 6749 section 6). No scope, as the reference."""
-    form = _client_fields(account, client_secret)
+def token_request(
+    account: AccountConfig, username: str, password: str, client_secret: str | None, now: float | None = None
+) -> dict[str, str]:
+    """The form of :func:`fresh_token_request` (posted to ``token_url``, except for service accounts)."""
+    return fresh_token_request(account, username, password, client_secret, now).form
+
+
+def refresh_request(
+    account: AccountConfig, client_secret: str | None, refresh_token: str, now: float | None = None
+) -> dict[str, str]:
+    """The form that exchanges a refresh token (RFC 6749 section 6). No scope, as the reference.
+
+    With certificate credentials it carries a new client assertion (blocking: reads and signs).
+    """
+    form = _client_fields(account, client_secret, now)
     form["refresh_token"] = refresh_token
     form["grant_type"] = REFRESH_GRANT
     return form

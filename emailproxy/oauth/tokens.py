@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from emailproxy.config import AccountConfig, CachedTokens, Config
-from emailproxy.oauth import flows
+from emailproxy.oauth import credentials, flows
 from emailproxy.oauth.crypto import (
     ITERATIONS,
     Decrypted,
@@ -36,6 +36,7 @@ from emailproxy.oauth.crypto import (
     parse_iterations,
 )
 from emailproxy.oauth.endpoint import TokenEndpointError, TokenEndpointProtocol, TokenNetworkError
+from emailproxy.oauth.interactive import AuthorisationBroker, AuthorisationRequest, InteractionNeeded
 from emailproxy.protocols.events import TokenFailure, TokenOk, TokenResult
 from emailproxy.secret import Secret
 
@@ -47,6 +48,7 @@ TOKEN_EXPIRY_MARGIN = 600
 DEFAULT_TOKEN_LIFETIME = 3600
 
 T = TypeVar("T")
+_LoginResult = TokenResult | InteractionNeeded
 
 
 class TokenStore(Protocol):
@@ -105,6 +107,10 @@ def interactive_message(username: str) -> str:
         "and this version cannot run one yet (logins work when the config file already holds the "
         "account's tokens)"
     )
+
+
+def credential_message(username: str, problem: str) -> str:
+    return f"Login failed for account {username}: {problem}"
 
 
 def unsupported_flow_message(username: str, flow: str) -> str:
@@ -205,8 +211,10 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
         *,
         key_cache: KeyCache | None = None,
+        interactive: AuthorisationBroker | None = None,
     ) -> None:
         self._config = config
+        self._interactive = interactive  # runs authorization-code and device flows (None: refuse them)
         self._store = store
         self._endpoint = endpoint
         self._clock = clock
@@ -235,10 +243,18 @@ class TokenManager:
         if not password:
             logger.error("No password provided for account %s", username)
             return TokenFailure(no_password_message(username))
-        lock = self._locks.setdefault(account.section.lower(), asyncio.Lock())
-        async with lock:
+        result = await self._locked_login(account, username, password.reveal())
+        if isinstance(result, InteractionNeeded):  # wait for a person outside the account's lock
+            assert self._interactive is not None
+            return await self._interactive.login(
+                result.request, lambda: self._locked_login(account, username, password.reveal())
+            )
+        return result
+
+    async def _locked_login(self, account: AccountConfig, username: str, password: str) -> _LoginResult:
+        async with self._locks.setdefault(account.section.lower(), asyncio.Lock()):
             try:
-                return await self._login(account, username, password.reveal())
+                return await self._login(account, username, password)
             except Exception:
                 logger.exception("Unexpected error while getting a token for account %s", username)
                 return TokenFailure(
@@ -261,7 +277,7 @@ class TokenManager:
             state.origin = from_config  # the config now shows what this manager saved
         return state
 
-    async def _login(self, account: AccountConfig, username: str, password: str) -> TokenResult:
+    async def _login(self, account: AccountConfig, username: str, password: str) -> _LoginResult:
         state = self._state_for(account)
         stored = state.stored
         salt = decode_salt(stored.token_salt)
@@ -352,7 +368,7 @@ class TokenManager:
             login.crypto.forget()
         return TokenFailure(wrong_password_message(login.username))
 
-    async def _password_error(self, login: _Login) -> TokenResult:
+    async def _password_error(self, login: _Login) -> _LoginResult:
         """The password does not open the cached tokens (reference-behaviour 2.3)."""
         options = self._config.options
         if not options.delete_account_token_on_password_error or flows.is_app_only(login.account):
@@ -420,6 +436,7 @@ class TokenManager:
             self._config.options.use_login_password_as_client_credentials_secret
             and not login.account.permission_url
             and flows.effective_flow(login.account) == flows.CLIENT_CREDENTIALS
+            and not credentials.uses_certificate(login.account)  # a certificate beats the fallback
         ):
             return login.password
         return None
@@ -428,7 +445,13 @@ class TokenManager:
         """Exchange the refresh token. None means it was rejected and dropped: run the full flow."""
         account = login.account
         assert account.token_url is not None
-        form = flows.refresh_request(account, self._client_secret(login), refresh_token)
+        try:
+            form = await asyncio.to_thread(
+                flows.refresh_request, account, self._client_secret(login), refresh_token, self._clock()
+            )
+        except credentials.CredentialError as exc:
+            logger.error("Cannot refresh the token of account %s: %s", login.username, exc)
+            return TokenFailure(credential_message(login.username, str(exc)))
         logger.info("Refreshing the access token for account %s", login.username)
         try:
             response = await asyncio.to_thread(self._endpoint.post, account.token_url, form)
@@ -450,25 +473,33 @@ class TokenManager:
             return TokenFailure(network_message(login.username, str(exc)))
         return await self._store_response(login, response, refresh_token)
 
-    async def _fetch(self, login: _Login) -> TokenResult:
+    async def _fetch(self, login: _Login) -> _LoginResult:
         """Run the account's flow for a new token."""
         account = login.account
         assert account.token_url is not None
         try:
-            form = flows.token_request(account, login.username, login.password, self._client_secret(login))
+            request = await asyncio.to_thread(
+                flows.fresh_token_request,
+                account,
+                login.username,
+                login.password,
+                self._client_secret(login),
+                self._clock(),
+            )
+        except credentials.CredentialError as exc:
+            logger.error("Cannot request a token for account %s: %s", login.username, exc)
+            return TokenFailure(credential_message(login.username, str(exc)))
         except flows.FlowUnavailable as exc:
+            if exc.interactive and self._interactive is not None:
+                return self._interaction(login)
             if exc.interactive:
-                logger.warning(
-                    "Account %s needs an interactive authorisation (%s), which this version cannot run yet",
-                    login.username,
-                    exc.flow,
-                )
+                logger.warning("Account %s needs an interactive authorisation, which is off", login.username)
                 return TokenFailure(interactive_message(login.username))
             logger.error("Account %s uses the unsupported flow %s", login.username, exc.flow)
             return TokenFailure(unsupported_flow_message(login.username, exc.flow))
-        logger.info("Requesting a new token for account %s (%s)", login.username, form["grant_type"])
+        logger.info("Requesting a new token for account %s (%s)", login.username, request.form["grant_type"])
         try:
-            response = await asyncio.to_thread(self._endpoint.post, account.token_url, form)
+            response = await asyncio.to_thread(self._endpoint.post, request.url, request.form)
         except TokenEndpointError as exc:
             return self._endpoint_failure(login, exc)
         except TokenNetworkError as exc:
@@ -558,6 +589,29 @@ class TokenManager:
         await self._save(login, changes)
         logger.info("Got a new access token for account %s (valid for %d s)", login.username, lifetime)
         return TokenOk(login.username, Secret(access))
+
+    def _interaction(self, login: _Login) -> InteractionNeeded:
+        """Hand the account to the broker; its tokens come back through ``_complete_interaction``."""
+        account, secret = login.account, self._client_secret(login)
+
+        def client_fields() -> dict[str, str]:
+            return credentials.client_fields(account, secret, account.token_url or "", self._clock())
+
+        async def complete(response: Mapping[str, Any]) -> TokenResult:
+            return await self._complete_interaction(login, response)
+
+        return InteractionNeeded(AuthorisationRequest(account, login.username, client_fields, complete))
+
+    async def _complete_interaction(self, login: _Login, response: Mapping[str, Any]) -> TokenResult:
+        """Save an interactive flow's tokens, encrypted with the password of the login that started it."""
+        async with self._locks.setdefault(login.account.section.lower(), asyncio.Lock()):
+            state = self._state_for(login.account)
+            if state is not login.state:  # the file's cache keys were edited meanwhile: build on them
+                salt = decode_salt(state.stored.token_salt)
+                count = parse_iterations(state.stored.token_iterations)
+                crypto = TokenCrypto(self._keys, login.password, salt, count) if salt else None
+                login = dataclasses.replace(login, state=state, crypto=crypto, dropped=[])
+            return await self._store_response(login, response, None)
 
     # ------------------------------------------------------------------------------------------ helpers
 

@@ -22,7 +22,7 @@ import pytest
 
 from tests.integration.world import WorldError
 from tests.integration.world.ca import CertificateFiles, make_ca
-from tests.integration.world.dovecot import Dovecot
+from tests.integration.world.dovecot import Dovecot, DovecotTuning
 from tests.integration.world.idp import IdentityProvider
 from tests.integration.world.postfix import VIRTUAL_DOMAIN, Postfix
 
@@ -61,13 +61,15 @@ class World:
             raise errors[0]
 
 
-def start_world(tmp: Path) -> World:
-    """Build and start a world in `tmp`; on any failure stop what was started and raise."""
+def start_world(tmp: Path, dovecot_tuning: DovecotTuning | None = None) -> World:
+    """Build and start a world in `tmp`; on any failure stop what was started and raise.
+
+    `dovecot_tuning` (benchmarks only) changes Dovecot's limits and token check; see DovecotTuning."""
     tmp.chmod(0o755)  # Dovecot's mail processes (uid mail) and Postfix (uid postfix) must traverse it
     certs = make_ca(tmp / "ca")
     idp = IdentityProvider(certs)
     idp.start()
-    dovecot = Dovecot(tmp / "dovecot", certs, idp.check_url)
+    dovecot = Dovecot(tmp / "dovecot", certs, idp.check_url, dovecot_tuning)
     postfix = Postfix(tmp / "postfix", certs, dovecot.ports)
     world = World(tmp=tmp, certs=certs, idp=idp, dovecot=dovecot, postfix=postfix)
     try:

@@ -30,6 +30,7 @@ from tests.integration.world import (
 from tests.integration.world.ca import CertificateFiles
 from tests.integration.world.checkpassword import CHECK_URL_VARIABLE
 from tests.integration.world.ports import DOVECOT_LOOPBACK, free_ports, wait_listening
+from tests.integration.world.token_table import lua_available, lua_script, passdb_block
 
 CHECKPASSWORD_SCRIPT = Path(__file__).with_name("checkpassword.py")
 MAIL_USER = "mail"
@@ -53,6 +54,16 @@ class DovecotPorts:
     auth: int  # Dovecot SASL auth protocol (used by Postfix)
 
 
+@dataclass(frozen=True)
+class DovecotTuning:
+    """Changes for benchmarks; the defaults give the integration tests' configuration unchanged."""
+
+    # check the tokens listed in this file in-process (Lua passdb, see token_table.py) before checkpassword
+    token_table: Path | None = None
+    imap_client_limit: int = 1  # IMAP sessions served by one imap process (Dovecot's default: 1)
+    max_userip_connections: int = 1000  # per user and client IP
+
+
 def _config(
     *,
     directory: Path,
@@ -63,7 +74,13 @@ def _config(
     mail_root: Path,
     uid: int,
     gid: int,
+    tuning: DovecotTuning,
+    lua_path: Path,
 ) -> str:
+    extra_passdb = passdb_block(lua_path) if tuning.token_table is not None else ""
+    imap_limits = "  process_limit = 1000\n"
+    if tuning.imap_client_limit != 1:
+        imap_limits += f"  client_limit = {tuning.imap_client_limit}\n"
     return f"""\
 # Private Dovecot for the emailproxy integration tests (generated).
 instance_name = {instance_name}
@@ -87,7 +104,7 @@ auth_failure_delay = 0
 auth_cache_size = 0
 auth_verbose = yes
 auth_username_chars =
-passdb {{
+{extra_passdb}passdb {{
   driver = checkpassword
   args = {launcher}
   mechanisms = xoauth2 oauthbearer
@@ -107,7 +124,7 @@ default_process_limit = 500
 default_vsz_limit = 0
 
 protocol imap {{
-  mail_max_userip_connections = 1000
+  mail_max_userip_connections = {tuning.max_userip_connections}
 }}
 protocol pop3 {{
   mail_max_userip_connections = 1000
@@ -142,8 +159,7 @@ service pop3-login {{
   client_limit = 1000
 }}
 service imap {{
-  process_limit = 1000
-}}
+{imap_limits}}}
 service pop3 {{
   process_limit = 1000
 }}
@@ -173,8 +189,11 @@ service anvil {{
 class Dovecot:
     """A private Dovecot. `start()` then use `ports`, `maildir(user)`, `deliver(user, message)`; `stop()`."""
 
-    def __init__(self, directory: Path, certs: CertificateFiles, check_url: str) -> None:
+    def __init__(
+        self, directory: Path, certs: CertificateFiles, check_url: str, tuning: DovecotTuning | None = None
+    ) -> None:
         self.directory = directory
+        self.tuning = tuning or DovecotTuning()
         self.certs = certs
         self.check_url = check_url
         self.config_path = directory / "dovecot.conf"
@@ -209,6 +228,11 @@ class Dovecot:
             f'exec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(CHECKPASSWORD_SCRIPT))} "$@"\n'
         )
         launcher.chmod(0o755)
+        lua_path = self.directory / "token_table.lua"
+        if self.tuning.token_table is not None:
+            if not lua_available():
+                raise WorldError("a token table needs Dovecot's Lua passdb: apt-get install dovecot-auth-lua")
+            lua_path.write_text(lua_script(self.tuning.token_table))
         self.config_path.write_text(
             _config(
                 directory=self.directory,
@@ -219,6 +243,8 @@ class Dovecot:
                 mail_root=self.mail_root,
                 uid=mail.pw_uid,
                 gid=mail.pw_gid,
+                tuning=self.tuning,
+                lua_path=lua_path,
             )
         )
         with self.console_path.open("ab") as console:

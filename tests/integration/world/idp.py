@@ -7,7 +7,9 @@ HTTPS (test CA) on 127.0.0.1, served by daemon threads of the test process:
   (302) to `redirect_uri` with `code` and `state`; the PKCE challenge and the nonce stay with the code.
 - `POST /{tenant}/oauth2/v2.0/devicecode`: starts a device flow (see `approve_device`, `device_auto_approve`).
 - `POST /{tenant}/oauth2/v2.0/token`: client_credentials, password, refresh_token, authorization_code and
-  device_code grants, with Microsoft-shaped JSON errors (`error`, `error_description` "AADSTS...").
+  device_code grants, with Microsoft-shaped JSON errors (`error`, `error_description` "AADSTS...");
+  client assertions are checked (signature, iss/sub, aud = this URL, x5t#S256). Also the RFC 7523 JWT bearer
+  grant of Google service accounts (see `register_service_account`).
 
 A second, plain-HTTP loopback server answers `POST /_check` (form or JSON: user, token, service) for the
 mail servers' checkpassword program: 200 when the token is valid now for that user (app-only tokens are
@@ -42,6 +44,7 @@ from tests.integration.world.ports import LOOPBACK
 DEFAULT_TENANT = "tenant-1"
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"  # RFC 7523 2.1 (Google service accounts)
 _ID_TOKEN_KEY = b"emailproxy-test-world-id-token-key"
 _ENDPOINTS = {
     "oauth2/v2.0/token": "token",
@@ -92,7 +95,9 @@ _ERRORS: dict[str, tuple[int, str, int, str]] = {
     "device_expired": (400, "expired_token", 70020, "The device code has expired."),
     "device_declined": (400, "authorization_declined", 70021, "The user declined the sign-in."),
     "device_pending": (400, "authorization_pending", 70016, "The user has not yet completed the sign-in."),
+    "device_slow_down": (400, "slow_down", 70016, "Polling too often; slow down."),
     "bad_grant_type": (400, "unsupported_grant_type", 70003, "The grant_type '{grant}' is not supported."),
+    "bad_jwt_grant": (400, "invalid_grant", 700027, "Invalid JWT bearer assertion: {why}."),
     "injected": (500, "temporarily_unavailable", 90000, "Injected failure (HTTP {http_status})."),
 }
 
@@ -227,8 +232,71 @@ def pkce_challenge(verifier: str) -> str:
     return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
 
 
-def assertion_problem(assertion: str, client_id: str, certificate_pem: bytes) -> str | None:
-    """Why a private_key_jwt client assertion (RS256/PS256) is not acceptable, or None when it is."""
+def _thumbprint_problem(header: Mapping[str, Any], certificate_pem: bytes) -> str | None:
+    """The x5t#S256 (or legacy x5t) header must name the registered certificate (padding optional)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    certificate = x509.load_pem_x509_certificate(certificate_pem)
+    for name, algorithm in (("x5t#S256", hashes.SHA256()), ("x5t", hashes.SHA1())):
+        if name in header:
+            expected = _b64url(certificate.fingerprint(algorithm))
+            if str(header[name]).rstrip("=") != expected:
+                return f"the {name} header does not match the registered certificate"
+            return None
+    return "no x5t#S256 or x5t header"
+
+
+def jwt_bearer_problem(
+    assertion: str, public_pem: bytes, issuer: str, audience: str
+) -> tuple[str | None, dict[str, Any]]:
+    """Check an RFC 7523 JWT bearer grant assertion (RS256, as Google service accounts sign them):
+    (why it is not acceptable or None, its claims). `public_pem` is a certificate or a public key."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    try:
+        header_b64, payload_b64, signature_b64 = assertion.split(".")
+        header = json.loads(_b64url_decode(header_b64))
+        claims = json.loads(_b64url_decode(payload_b64))
+        signature = _b64url_decode(signature_b64)
+    except ValueError:
+        return "malformed JWT", {}
+    if not isinstance(claims, dict) or not isinstance(header, dict):
+        return "malformed JWT", {}
+    key: Any = (
+        x509.load_pem_x509_certificate(public_pem).public_key()
+        if b"CERTIFICATE" in public_pem
+        else serialization.load_pem_public_key(public_pem)
+    )
+    if header.get("alg") != "RS256" or not isinstance(key, rsa.RSAPublicKey):
+        return f"unsupported algorithm {header.get('alg')}", claims
+    try:
+        key.verify(signature, f"{header_b64}.{payload_b64}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        return "bad signature", claims
+    now = time.time()
+    if claims.get("iss") != issuer:
+        return "wrong issuer", claims
+    if claims.get("aud") != audience:
+        return f"wrong audience {claims.get('aud')!r}", claims
+    if not claims.get("scope"):
+        return "no scope", claims
+    if not claims.get("sub"):
+        return "no sub (the mailbox to act as)", claims
+    issued, expires = float(claims.get("iat", 0)), float(claims.get("exp", 0))
+    if expires < now or issued > now + 60 or expires - issued > 3600:
+        return "iat/exp out of range (at most one hour, valid now)", claims
+    return None, claims
+
+
+def assertion_problem(
+    assertion: str, client_id: str, certificate_pem: bytes, audience: str | None = None
+) -> str | None:
+    """Why a private_key_jwt client assertion (RS256/PS256) is not acceptable, or None when it is.
+    With `audience`, `aud` must be it; the certificate must be named by `x5t#S256` (or `x5t`)."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
@@ -259,7 +327,11 @@ def assertion_problem(assertion: str, client_id: str, certificate_pem: bytes) ->
         return "iss and sub must be the client id"
     if float(claims.get("exp", 0)) < time.time():
         return "expired"
-    return None
+    if float(claims.get("nbf", 0)) > time.time() + 60:
+        return "not valid yet"
+    if audience is not None and claims.get("aud") != audience:
+        return f"wrong audience {claims.get('aud')!r}"
+    return _thumbprint_problem(header, certificate_pem)
 
 
 class _HttpsServer(ThreadingHTTPServer):
@@ -272,19 +344,23 @@ class _HttpsServer(ThreadingHTTPServer):
         self.tls = tls
         super().__init__(address, _Handler)
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()
-        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def finish_request(self, request: Any, client_address: Any) -> None:
         if self.owner.is_down:
-            # SO_LINGER 0 makes close() send RST: the client sees a reset instead of a TLS handshake.
+            # Wait for the client's first TLS bytes (so it is past connect()), then close with SO_LINGER 0:
+            # the client sees a connection reset during the handshake.
+            request.settimeout(2)
             try:
-                request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            finally:
-                request.close()
+                request.recv(1)
+            except OSError:
+                pass
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.close()
             return
-        super().process_request(request, client_address)
+        connection = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        try:
+            _Handler(connection, client_address, self)
+        finally:
+            connection.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients that drop the connection or fail TLS are expected in tests: stay quiet."""
@@ -422,6 +498,7 @@ class IdentityProvider:
     def _reset_state(self) -> None:
         with self._lock:
             self._clients: dict[str, _Client] = {}
+            self._service_accounts: dict[str, bytes] = {}  # client_email -> certificate or public key PEM
             self._users: dict[str, str] = {}
             self._tokens: dict[str, IssuedToken] = {}
             self._refresh: dict[str, _Refresh] = {}
@@ -438,6 +515,7 @@ class IdentityProvider:
             self.authorize_error: str | None = None  # e.g. "access_denied": /authorize redirects with it
             self.device_auto_approve: str | None = None  # user who approves every device code at first poll
             self.device_interval = 1  # polling interval the devicecode endpoint announces
+            self.device_slow_down = 0  # answer this many of the next device-code polls with slow_down
 
     def reset(self) -> None:
         """Forget everything (clients, users, tokens, logs, failures, delays) and come back up."""
@@ -451,6 +529,13 @@ class IdentityProvider:
         credentials grant); with `certificate_pem`, private_key_jwt assertions (RS256/PS256) are accepted."""
         with self._lock:
             self._clients[client_id] = _Client(secret, certificate_pem)
+
+    def register_service_account(self, client_email: str, public_pem: bytes) -> None:
+        """Register a service account (its certificate or public key PEM) for the RFC 7523 JWT bearer grant
+        (`urn:ietf:params:oauth:grant-type:jwt-bearer`, as Google's token endpoint takes it): a valid
+        assertion gets a token for the user in its `sub` claim, and no refresh token."""
+        with self._lock:
+            self._service_accounts[client_email] = public_pem
 
     def register_user(self, user: str, password: str) -> None:
         """Register a user for the password (ROPC) grant."""
@@ -764,7 +849,9 @@ class IdentityProvider:
 
     def _token(self, tenant: str, form: dict[str, str], headers: dict[str, str]) -> _Answer:
         grant = form.get("grant_type", "")
-        client_id, confidential = self._authenticate_client(form, headers)
+        if grant == JWT_BEARER_GRANT:
+            return self._service_account_token(tenant, form)
+        client_id, confidential = self._authenticate_client(form, headers, self.token_url(tenant))
         scope = form.get("scope", "")
         if grant == "client_credentials":
             if not confidential:
@@ -796,7 +883,32 @@ class IdentityProvider:
             return self._grant(tenant, device.user, client_id, device.scope, grant, form)
         raise OAuthError("bad_grant_type", grant=grant)
 
-    def _authenticate_client(self, form: dict[str, str], headers: dict[str, str]) -> tuple[str, bool]:
+    def _service_account_token(self, tenant: str, form: dict[str, str]) -> _Answer:
+        """The JWT bearer grant: verify the assertion against the registered service account."""
+        assertion = form.get("assertion", "")
+        try:
+            issuer = str(json.loads(_b64url_decode(assertion.split(".")[1])).get("iss"))
+        except (ValueError, IndexError, AttributeError):
+            raise OAuthError("bad_jwt_grant", why="malformed JWT") from None
+        with self._lock:
+            public_pem = self._service_accounts.get(issuer)
+        if public_pem is None:
+            raise OAuthError("bad_jwt_grant", why=f"unknown service account {issuer}")
+        problem, claims = jwt_bearer_problem(assertion, public_pem, issuer, self.token_url(tenant))
+        if problem is not None:
+            raise OAuthError("bad_jwt_grant", why=problem)
+        with self._lock:
+            lifetime = self.expires_in
+            access = f"at-{secrets.token_urlsafe(24)}"
+            user, scope = str(claims["sub"]), str(claims["scope"])
+            issued = IssuedToken(access, user, time.time() + lifetime, issuer, None, scope, JWT_BEARER_GRANT)
+            self._tokens[access] = issued
+            self._issued.append(issued)
+        return _json({"access_token": access, "expires_in": lifetime, "token_type": "Bearer"})
+
+    def _authenticate_client(
+        self, form: dict[str, str], headers: dict[str, str], audience: str | None = None
+    ) -> tuple[str, bool]:
         """Return (client_id, confidential) or raise. A secret may come in the form or as HTTP Basic."""
         client_id, secret = form.get("client_id", ""), form.get("client_secret")
         authorization = next((value for key, value in headers.items() if key.lower() == "authorization"), "")
@@ -811,7 +923,7 @@ class IdentityProvider:
         if assertion is not None:
             if form.get("client_assertion_type") != JWT_BEARER or client.certificate_pem is None:
                 raise OAuthError("bad_assertion", why="not accepted for this client")
-            problem = assertion_problem(assertion, client_id, client.certificate_pem)
+            problem = assertion_problem(assertion, client_id, client.certificate_pem, audience)
             if problem is not None:
                 raise OAuthError("bad_assertion", why=problem)
             return client_id, True
@@ -847,6 +959,9 @@ class IdentityProvider:
                 raise OAuthError("device_expired")
             if device.declined:
                 raise OAuthError("device_declined")
+            if self.device_slow_down > 0:
+                self.device_slow_down -= 1
+                raise OAuthError("device_slow_down")
             device.user = device.user or self.device_auto_approve
             if device.user is None:
                 raise OAuthError("device_pending")
