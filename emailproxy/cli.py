@@ -109,7 +109,11 @@ def run(argv: Sequence[str]) -> int:
 
 async def _serve(config: Config, tokens: TokenManager, config_path: Path, cache_store: str | None,
                  broker: AuthorisationBroker, external_auth: bool) -> int:
-    proxy = ProxyServer(config, tokens)
+    try:
+        proxy = ProxyServer(config, tokens)
+    except ListenError as e:  # e.g. a local certificate file that cannot be read
+        log.error("%s", e)
+        return EXIT_RUNTIME
     await broker.configure(config)  # the redirect listener is up before the first login can need it
     if external_auth:
         broker.start_terminal()

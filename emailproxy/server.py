@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import socket
 import ssl
 
 from emailproxy.config import Config, ServerConfig
@@ -23,8 +24,26 @@ log = logging.getLogger("emailproxy.server")
 SESSIONS: dict[str, type[Session]] = {"IMAP": ImapSession, "POP": PopSession, "SMTP": SmtpSession}
 
 
+BACKLOG = 512
+
+
 class ListenError(Exception):
     pass
+
+
+def dual_stack_socket(port: int) -> socket.socket:
+    """A listening socket on ``[::]:port`` that accepts IPv4 clients too (IPV6_V6ONLY off)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def is_loopback(address: str) -> bool:
@@ -55,16 +74,20 @@ class Listener:
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
+        tls = self.local_tls if s.local_tls else None
+        handshake = self.proxy.timeouts.handshake if s.local_tls else None
         try:
-            self.server = await loop.create_server(
-                self._new_connection,
-                s.local_address,
-                s.local_port,
-                ssl=self.local_tls if s.local_tls else None,
-                reuse_address=True,
-                backlog=512,
-                ssl_handshake_timeout=self.proxy.timeouts.handshake if s.local_tls else None,
-            )
+            if s.local_address == "::":
+                # the reference default: one IPv6 socket that accepts IPv4 too (asyncio makes it v6-only)
+                self.server = await loop.create_server(
+                    self._new_connection, sock=dual_stack_socket(s.local_port), ssl=tls,
+                    ssl_handshake_timeout=handshake,
+                )
+            else:
+                self.server = await loop.create_server(
+                    self._new_connection, s.local_address, s.local_port, ssl=tls, reuse_address=True,
+                    backlog=BACKLOG, ssl_handshake_timeout=handshake,
+                )
         except OSError as e:
             raise ListenError(
                 f"[{s.section}]: cannot listen on {s.local_address}:{s.local_port}: {e.strerror or e}"
