@@ -29,6 +29,16 @@ from emailproxy.protocols.events import TokenFailure, TokenOk
 from emailproxy.secret import Secret
 
 USER = "user@example.com"
+
+
+@pytest.fixture(autouse=True)
+def _emailproxy_logs_reach_caplog() -> Any:
+    """Other tests may have run setup_logging() (propagate off); caplog listens at the root logger."""
+    logger = logging.getLogger("emailproxy")
+    saved = logger.propagate
+    logger.propagate = True
+    yield
+    logger.propagate = saved
 PASSWORD = "local-password"
 REDIRECT = "http://localhost:8080/callback"
 
