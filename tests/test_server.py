@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,23 +65,6 @@ def test_double_colon_listens_on_ipv4_and_ipv6(tmp_path: Path) -> None:
         assert reply.startswith(b"* BYE Email OAuth 2.0 Proxy: could not connect to 127.0.0.1:")
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """main() configures the global "emailproxy" logger; put it back for the tests that follow."""
-    logger = logging.getLogger("emailproxy")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        if handler not in handlers:
-            handler.close()
-    for handler in handlers:
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
-@pytest.mark.usefixtures("restore_logging")
 def test_unreadable_local_certificate_is_a_clean_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
