@@ -16,7 +16,6 @@ import datetime
 import json
 import shutil
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,14 @@ from typing import Any
 
 from benchmarks import measure, report
 from benchmarks.idle import raise_fd_limit
-from benchmarks.proxies import ProxyProcess, Reference, install_reference, our_command, reference_command
+from benchmarks.proxies import (
+    ProxyProcess,
+    Reference,
+    install_reference,
+    installed_version,
+    our_command,
+    reference_command,
+)
 from benchmarks.wire import Target, lmtp_deliver, make_message
 from tests.integration.conftest import World, start_world
 from tests.integration.proxy import allocate_ports
@@ -35,24 +41,37 @@ from tests.integration.world.dovecot import DovecotTuning
 from tests.integration.world.token_table import lua_available, write_table
 
 CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret"
-PASSWORD = "bench-local-password"
+PASSWORD = "bench-local-password"  # noqa: S105 - the local password of the benchmark accounts
 TOKEN_LIFETIME = 6 * 3600
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PHASES = ("bulk", "latency", "storm", "idle", "slow_reader")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python3 -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run: correctness only")
     parser.add_argument("--runs", type=int, help="repetitions of each timed figure (default 5; smoke 1)")
     parser.add_argument("--only", nargs="+", choices=PHASES, help="run only these phases")
     parser.add_argument("--idle", type=int, nargs="+", help="idle session counts (default 1000 5000 10000)")
-    parser.add_argument("--no-reference", action="store_true", help="do not install or run the reference proxy")
-    parser.add_argument("--reference-venv", type=Path, help="reuse this virtual environment for the reference "
-                        "(created and installed there if missing) instead of a throwaway one")
-    parser.add_argument("--output", type=Path, help="write the Markdown results here (default: "
-                        "benchmarks/RESULTS.md for a full run, nothing for --smoke)")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="do not install or run the reference proxy"
+    )
+    parser.add_argument(
+        "--reference-venv",
+        type=Path,
+        help="reuse this virtual environment for the reference "
+        "(created and installed there if missing) instead of a throwaway one",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="write the Markdown results here (default: "
+        "benchmarks/RESULTS.md for a full run, nothing for --smoke)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     return parser.parse_args(argv)
@@ -64,19 +83,34 @@ def proxy_sections(world: World, ports: dict[str, int]) -> dict[str, dict[str, s
     return {
         f"IMAP-{ports['IMAP']}": {**local, "server_address": d.host, "server_port": str(d.imaps)},
         f"POP-{ports['POP']}": {**local, "server_address": d.host, "server_port": str(d.pop3s)},
-        f"SMTP-{ports['SMTP']}": {**local, "server_address": "127.0.0.1", "server_port": str(p.smtps)},
+        f"SMTP-{ports['SMTP']}": {
+            **local,
+            "server_address": "127.0.0.1",
+            "server_port": str(p.submission),
+            "server_starttls": "True",
+        },
         "emailproxy": {"allow_catch_all_accounts": "True"},
         f"@{world.domain}": {
-            "token_url": world.idp.token_url(), "oauth2_scope": "https://outlook.office365.com/.default",
-            "oauth2_flow": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+            "token_url": world.idp.token_url(),
+            "oauth2_scope": "https://outlook.office365.com/.default",
+            "oauth2_flow": "client_credentials",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
         },
     }
 
 
 def proxy_target(key: str, label: str, proxy: ProxyProcess) -> Target:
     p = proxy.ports
-    return Target(key, label, ("127.0.0.1", p["IMAP"]), ("127.0.0.1", p["POP"]), ("127.0.0.1", p["SMTP"]),
-                  password=PASSWORD, pid=proxy.pid)
+    return Target(
+        key,
+        label,
+        ("127.0.0.1", p["IMAP"]),
+        ("127.0.0.1", p["POP"]),
+        ("127.0.0.1", p["SMTP"]),
+        password=PASSWORD,
+        pid=proxy.pid,
+    )
 
 
 def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]:
@@ -89,8 +123,10 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
     if overrides:
         sizes = measure.Sizes(**{**asdict(sizes), **overrides})
     soft, hard = raise_fd_limit()
-    notes.append(f"File descriptor limit raised to {soft} (hard limit {hard}); a proxy needs two descriptors "
-                 "per session, so one proxy process can hold at most about (hard limit − 20) / 2 sessions.")
+    notes.append(
+        f"File descriptor limit raised to {soft} (hard limit {hard}); a proxy needs two descriptors "
+        "per session, so one proxy process can hold at most about (hard limit - 20) / 2 sessions."
+    )
     log = print
 
     # reference install first: it is the part most likely to fail (network), and the slowest to set up
@@ -99,7 +135,7 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
         log("installing the reference proxy from PyPI ...")
         venv_dir = args.reference_venv or tmp / "reference-venv"
         python = venv_dir / "bin" / "python"
-        version = _installed_version(python) if args.reference_venv and python.exists() else ""
+        version = installed_version(python) if args.reference_venv and python.exists() else ""
         reference = Reference(python, version) if version else install_reference(venv_dir)
     if isinstance(reference, str):
         notes.append(f"Reference proxy unavailable: {reference}.")
@@ -108,14 +144,19 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
     table_path = tmp / "tokens.tsv"
     write_table(table_path, [])
     cheap = lua_available()
-    tuning = DovecotTuning(token_table=table_path if cheap else None, imap_client_limit=1000,
-                           max_userip_connections=100_000)
+    tuning = DovecotTuning(
+        token_table=table_path if cheap else None, imap_client_limit=1000, max_userip_connections=100_000
+    )
     if cheap:
-        notes.append("Dovecot checks known tokens in-process (Lua passdb over a token table); unknown tokens fall "
-                     "back to the test identity provider's checkpassword program.")
+        notes.append(
+            "Dovecot checks known tokens in-process (Lua passdb over a token table); unknown tokens fall "
+            "back to the test identity provider's checkpassword program."
+        )
     else:
-        notes.append("dovecot-auth-lua is not installed: every login runs the checkpassword program (a "
-                     "process per login), which caps logins per second for every target.")
+        notes.append(
+            "dovecot-auth-lua is not installed: every login runs the checkpassword program (a "
+            "process per login), which caps logins per second for every target."
+        )
     log("starting the test world (identity provider, Dovecot, Postfix) ...")
     (tmp / "world").mkdir()
     world = start_world(tmp / "world", tuning)
@@ -123,11 +164,14 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
     try:
         world.idp.register_client(CLIENT_ID, CLIENT_SECRET)
         users = {name: world.new_user(f"bench-{name}") for name in ("imap", "pop", "login", "idle", "slow")}
-        direct_tokens = {user: world.idp.issue_token(user, expires_in=TOKEN_LIFETIME) for user in users.values()}
+        direct_tokens = {
+            user: world.idp.issue_token(user, expires_in=TOKEN_LIFETIME) for user in users.values()
+        }
 
         def sync_tokens() -> None:
             entries: list[tuple[str, str | None, float]] = [
-                (token, user, time.time() + TOKEN_LIFETIME - 60) for user, token in direct_tokens.items()]
+                (token, user, time.time() + TOKEN_LIFETIME - 60) for user, token in direct_tokens.items()
+            ]
             entries += [(t.access_token, t.user, t.expires_at) for t in world.idp.issued]
             write_table(table_path, entries)
 
@@ -139,13 +183,24 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
         lmtp_deliver(lmtp, users["imap"], make_message(users["imap"], sizes.fetch_mib * mib, markers["imap"]))
         lmtp_deliver(lmtp, users["pop"], make_message(users["pop"], sizes.pop_mib * mib, markers["pop"]))
         if not args.only or "slow_reader" in args.only:
-            lmtp_deliver(lmtp, users["slow"], make_message(users["slow"], sizes.slow_mib * mib, markers["slow"]))
+            lmtp_deliver(
+                lmtp, users["slow"], make_message(users["slow"], sizes.slow_mib * mib, markers["slow"])
+            )
         smtp_message = make_message(measure.SINK, sizes.smtp_mib * mib, measure.new_marker())
 
         ctx = ssl.create_default_context(cafile=str(world.ca_path))
         d = world.dovecot.ports
-        targets = [Target("direct", "direct XOAUTH2", (d.host, d.imaps), (d.host, d.pop3s),
-                          ("127.0.0.1", world.postfix.ports.smtps), tls=ctx, tokens=direct_tokens)]
+        targets = [
+            Target(
+                "direct",
+                "direct XOAUTH2",
+                (d.host, d.imaps),
+                (d.host, d.pop3s),
+                ("127.0.0.1", world.postfix.ports.submission),
+                tls=ctx,
+                tokens=direct_tokens,
+            )
+        ]
         commands = {"ours": our_command()}
         if isinstance(reference, Reference):
             commands["reference"] = reference_command(reference)
@@ -155,8 +210,9 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
             proxies[key] = proxy
             proxy.start()
             targets.append(proxy_target(key, key, proxy))
-        bench = measure.Bench(sizes, targets, proxies, users,
-                              {**markers, "smtp_message": smtp_message}, sync_tokens, log)
+        bench = measure.Bench(
+            sizes, targets, proxies, users, {**markers, "smtp_message": smtp_message}, sync_tokens, log
+        )
         for target in targets:
             bench.warm_up(target)
         checks_before = len(world.idp.check_log)
@@ -164,7 +220,9 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
             if args.only and phase not in args.only:
                 continue
             log(f"{phase} ...")
+            phase_start = time.monotonic()
             getattr(bench, phase)()
+            log(f"  ({time.monotonic() - phase_start:.0f} s)")
             for target in targets:  # a phase may restart a proxy
                 if target.key in proxies:
                     target.pid = proxies[target.key].pid
@@ -172,12 +230,16 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
         results = bench.results
         results["server_token_checks_by_program"] = slow_checks
         if cheap:
-            notes.append(f"Logins that fell back to the checkpassword program during the measurements: "
-                         f"{slow_checks}.")
+            notes.append(
+                f"Logins that fell back to the checkpassword program during the measurements: {slow_checks}."
+            )
         results["sizes"] = asdict(sizes)
-        results["reference"] = ({"available": True, "version": reference.version}
-                                if isinstance(reference, Reference) else {"available": False,
-                                                                          "reason": reference})
+        results["fd_limit"] = hard
+        results["reference"] = (
+            {"available": True, "version": reference.version}
+            if isinstance(reference, Reference)
+            else {"available": False, "reason": reference}
+        )
         for key, proxy in proxies.items():
             code = proxy.stop()
             results.setdefault("exit_codes", {})[key] = code
@@ -188,12 +250,9 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
         world.stop()
 
 
-def _installed_version(python: Path) -> str:
-    """The reference's version in an existing virtual environment, or "" if it is not installed there."""
-    query = "import importlib.metadata as m; print(m.version('emailproxy'))"
-    done = subprocess.run([str(python), "-c", query], capture_output=True, text=True, check=False,
-                          cwd=python.parent)
-    return done.stdout.strip() if done.returncode == 0 else ""
+def _load() -> str:
+    """The 1-minute load average (other work on the machine distorts absolute figures)."""
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp.chmod(0o755)
     notes: list[str] = []
     started = time.monotonic()
-    command = "python3 -m benchmarks" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    load_before = _load()
+    command = "python3 -m benchmarks" + (
+        " " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""
+    )
     try:
         results = run(args, tmp, notes)
     except Exception:
@@ -211,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results["meta"] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command, "elapsed": time.monotonic() - started, "machine": report.machine(),
+        "command": command,
+        "elapsed": time.monotonic() - started,
+        "machine": report.machine(),
         "versions": {**report.versions(), "reference": results["reference"].get("version", "unavailable")},
         "notes": notes,
+        "load": load_before + " before, " + _load() + " after",
     }
     print()
     print(report.table(results))

@@ -37,7 +37,7 @@ async def _read_tagged(reader: asyncio.StreamReader, tag: bytes) -> bytes:
         if not line:
             raise ConnectionError("closed")
         if line.startswith(tag + b" "):
-            if not line[len(tag) + 1:].startswith(b"OK"):
+            if not line[len(tag) + 1 :].startswith(b"OK"):
                 raise PermissionError(line.decode(errors="replace").strip())
             return line
 
@@ -68,8 +68,15 @@ async def _open_one(target: Target, user: str) -> asyncio.StreamWriter:
     return writer
 
 
-async def _hold_sessions(target: Target, user: str, count: int, concurrency: int, timeout: float,
-                         deadline: float, while_open: Callable[[IdleResult], None]) -> IdleResult:
+async def _hold_sessions(
+    target: Target,
+    user: str,
+    count: int,
+    concurrency: int,
+    timeout: float,
+    deadline: float,
+    while_open: Callable[[IdleResult], None],
+) -> IdleResult:
     loop = asyncio.get_running_loop()
     start = loop.time()
     gate = asyncio.Semaphore(concurrency)
@@ -87,8 +94,10 @@ async def _hold_sessions(target: Target, user: str, count: int, concurrency: int
             except TimeoutError:
                 result.failures["timed out"] += 1
             except Exception as error:  # counted and reported, never fatal
-                result.failures[type(error).__name__ + (f" ({error.strerror})" if isinstance(
-                    error, OSError) and error.strerror else "")] += 1
+                result.failures[
+                    type(error).__name__
+                    + (f" ({error.strerror})" if isinstance(error, OSError) and error.strerror else "")
+                ] += 1
 
     await asyncio.gather(*(one() for _ in range(count)))
     result.seconds = loop.time() - start
@@ -101,12 +110,19 @@ async def _hold_sessions(target: Target, user: str, count: int, concurrency: int
     return result
 
 
-def hold_idle_sessions(target: Target, user: str, count: int, while_open: Callable[[IdleResult], None],
-                       concurrency: int = 100, timeout: float = 20.0, deadline: float = 300.0) -> IdleResult:
+def hold_idle_sessions(
+    target: Target,
+    user: str,
+    count: int,
+    while_open: Callable[[IdleResult], None],
+    concurrency: int = 100,
+    timeout: float = 20.0,
+    deadline: float = 300.0,
+) -> IdleResult:
     """Open `count` idle sessions (each within `timeout`, all attempts within `deadline` seconds), call
     `while_open` while they are all open, then drop them all.
 
-    The client side uses a small SSL read buffer (it holds thousands of TLS sessions; its speed is irrelevant).
+    The client side uses a small SSL read buffer: it holds thousands of TLS sessions, its speed is moot.
     """
     saved = asyncio.sslproto.SSLProtocol.max_size
     asyncio.sslproto.SSLProtocol.max_size = CLIENT_SSL_READ_BUFFER

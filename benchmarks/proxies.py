@@ -50,34 +50,87 @@ class Reference:
 def install_reference(directory: Path, timeout: float = INSTALL_TIMEOUT) -> Reference | str:
     """Create a virtual environment in `directory` and pip-install the reference proxy from PyPI into it.
 
-    Returns the installation, or a one-line reason it is unavailable (no network, pip failed, ...).
+    Uses this interpreter's pip (`pip --python`, pip >= 22.3) to skip bootstrapping pip into the new
+    environment, else bootstraps it. Returns the installation, or a one-line reason it is unavailable
+    (no network, pip failed, ...).
     """
+    python = directory / "bin" / "python"
+    options = [
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-q",
+        "--timeout",
+        "15",
+        "--retries",
+        "1",
+        REFERENCE_PACKAGE,
+    ]
     try:
-        venv.EnvBuilder(with_pip=True, clear=True).create(directory)
+        venv.EnvBuilder(with_pip=False, clear=True).create(directory)
+        done = _pip([sys.executable, "-m", "pip", "--python", str(python), *options], directory, timeout)
+        if done.returncode != 0 and "no such option" in done.stderr:
+            venv.EnvBuilder(with_pip=True, clear=True).create(directory)
+            done = _pip([str(python), "-m", "pip", *options], directory, timeout)
     except (OSError, subprocess.CalledProcessError) as error:
         return f"could not create a virtual environment: {error}"
-    python = directory / "bin" / "python"
-    command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q",
-               "--timeout", "15", "--retries", "1", REFERENCE_PACKAGE]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=directory,
-                              stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
         return f"pip install {REFERENCE_PACKAGE} timed out after {timeout:.0f} s"
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return f"pip install {REFERENCE_PACKAGE} failed: {last}"
-    query = "import importlib.metadata as m; print(m.version('emailproxy'))"
-    version = subprocess.run([str(python), "-c", query], capture_output=True, text=True, cwd=directory,
-                             check=False).stdout.strip()
-    return Reference(python, version or "unknown")
+        errors = [line for line in done.stderr.strip().splitlines() if not line.startswith("WARNING")]
+        return f"pip install {REFERENCE_PACKAGE} failed: {(errors or ['(no output)'])[-1]}"
+    version = installed_version(python)
+    return (
+        Reference(python, version) if version else f"{REFERENCE_PACKAGE} is not importable after pip install"
+    )
+
+
+def _isolated_env() -> dict[str, str]:
+    """The environment without PYTHONPATH: this project (also named emailproxy) must stay out of sight."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+
+
+def _pip(command: list[str], directory: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=directory,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        env=_isolated_env(),
+    )
+
+
+def installed_version(python: Path) -> str:
+    """The reference's version in a virtual environment, or "" if it is not installed there."""
+    query = "import importlib.metadata as m, emailproxy; print(m.version('emailproxy'), emailproxy.__file__)"
+    done = subprocess.run(
+        [str(python), "-c", query],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=python.parent,
+        env=_isolated_env(),
+    )
+    version, _, location = done.stdout.strip().partition(" ")
+    inside = location.startswith(str(python.parent.parent))
+    return version if done.returncode == 0 and inside else ""
 
 
 class ProxyProcess:
     """One proxy subprocess on its own config file, started and stopped by the benchmark."""
 
-    def __init__(self, key: str, command: list[str], directory: Path, ca_path: Path,
-                 sections: dict[str, dict[str, str]], ports: dict[str, int]) -> None:
+    def __init__(
+        self,
+        key: str,
+        command: list[str],
+        directory: Path,
+        ca_path: Path,
+        sections: dict[str, dict[str, str]],
+        ports: dict[str, int],
+    ) -> None:
         self.key = key
         self.command = command
         self.directory = directory
@@ -100,14 +153,20 @@ class ProxyProcess:
         with self.output_path.open("ab") as output:
             self.process = subprocess.Popen(
                 [*self.command, "--config-file", str(self.config_path), "--no-gui"],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
-                cwd=self.directory if self.key == "reference" else REPO, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.directory if self.key == "reference" else REPO,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         pending = set(self.ports.values())
         while pending:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.key} proxy exited with {self.process.returncode}:\n{self.output()}")
+                raise RuntimeError(
+                    f"{self.key} proxy exited with {self.process.returncode}:\n{self.output()}"
+                )
             for port in list(pending):
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

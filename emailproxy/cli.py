@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from emailproxy import APP_NAME, __version__
+from emailproxy.cachestore import CacheStoreError, open_token_store
 from emailproxy.checks import check_config
 from emailproxy.commands import COMMANDS
 from emailproxy.config import Config, ConfigError, load_config
-from emailproxy.configwrite import ConfigFileStore
 from emailproxy.log import LOG_FORMATS, LogSetupError, setup_logging
 from emailproxy.oauth.endpoint import TokenEndpoint
 from emailproxy.oauth.interactive import AuthorisationBroker
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", default=None,
                         help="the configuration file (default: emailproxy.config in the current directory)")
     parser.add_argument("--cache-store", default=None,
-                        help="keep cached tokens in this file instead of the configuration file")
+                        help="keep cached tokens in this file instead of the configuration file, or in an "
+                        "AWS Secrets Manager secret: aws:<name or ARN> or aws:<profile>||<name> "
+                        "(needs pip install 'emailproxy[aws]')")
     parser.add_argument("--log-file", default=None, help="also log to this file (rotated at 32 MiB, 10 kept)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="json: one JSON object per line in the --log-file (on stderr when there is no "
@@ -84,9 +86,10 @@ def run(argv: Sequence[str]) -> int:
         return EXIT_CONFIG
     config_path = Path(args.config_file) if args.config_file else Path.cwd() / "emailproxy.config"
     cache_store = args.cache_store
-    if cache_store and cache_store.startswith("aws:"):
-        print("emailproxy: --cache-store aws:... (AWS Secrets Manager) is not supported by this version; "
-              "use a file path", file=sys.stderr)
+    try:
+        store = open_token_store(cache_store, config_path)  # aws:<secret> or a file
+    except CacheStoreError as e:
+        print(f"emailproxy: --cache-store: {e}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         config = load_config(config_path, cache_store=cache_store)
@@ -97,7 +100,6 @@ def run(argv: Sequence[str]) -> int:
         if finding.is_problem:
             log.warning("%s", finding.describe(str(config.path)))
     log.info("Starting %s %s with %s", APP_NAME, __version__, config.path)
-    store = ConfigFileStore(Path(cache_store) if cache_store else config.path)
     endpoint = TokenEndpoint()
     broker = AuthorisationBroker.for_config(config, endpoint)
     tokens = TokenManager(config, store, endpoint, interactive=broker)

@@ -310,7 +310,8 @@ def resolve_account(
 def load_config(
     path: str | Path, cache_store: str | Path | None = None, *, require_servers: bool = True
 ) -> Config:
-    """Read and validate ``path``. With ``cache_store``, cache keys come from that file instead.
+    """Read and validate ``path``. With ``cache_store``, cache keys come from that file instead
+    (or, for ``aws:<secret>``, from that AWS Secrets Manager secret: see ``emailproxy.cachestore``).
 
     Raises ConfigError for any problem that should stop start-up (ConfigNotFoundError for a missing file).
     ``require_servers=False`` accepts a file without server sections (for commands that only manage accounts).

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import cast
 from urllib.parse import urlsplit
 
+from emailproxy.cachestore import AwsSecretStore, CacheStoreError, is_aws_spec
 from emailproxy.config import (
     ACCOUNT_KEYS,
     ALL_KEYS,
@@ -421,23 +422,27 @@ def _load_server(
 
 
 def _load_cache_store(loader: _Loader, cache_path: Path) -> dict[str, dict[str, str]]:
-    if str(cache_path).startswith("aws:"):
-        raise ConfigError(
-            cache_path,
-            "AWS Secrets Manager cache stores are not supported",
-            hint="use a local file as --cache-store",
-        )
-    text, problem = _read_text(cache_path, "cache store")
-    if text is None:
-        return {}
-    if problem:
-        loader.warn(problem, path=cache_path)
-    parser, _ = _parse(cache_path, text)
+    sections: Mapping[str, Mapping[str, str]]
+    if is_aws_spec(cache_path):  # aws:<secret>: the store's pre-loaded mapping instead of a file
+        try:
+            sections = AwsSecretStore(str(cache_path)).load()
+        except CacheStoreError as exc:
+            raise ConfigError(cache_path, exc.message, hint=exc.hint) from None
+    else:
+        text, problem = _read_text(cache_path, "cache store")
+        if text is None:
+            return {}
+        if problem:
+            loader.warn(problem, path=cache_path)
+        sections = _parse(cache_path, text)[0]
     result: dict[str, dict[str, str]] = {}
-    for name in parser.sections():
-        result[name] = {k: v for k, v in parser[name].items() if k in CACHE_KEYS}
-        for key in parser[name]:
-            if key not in CACHE_KEYS:
+    for name in sections:
+        if name == configparser.DEFAULTSECT:
+            continue
+        values = sections[name]
+        result[name] = {k.lower(): v for k, v in values.items() if k.lower() in CACHE_KEYS}
+        for key in values:
+            if key.lower() not in CACHE_KEYS:
                 loader.warn("not a token cache key, ignored", name, key, path=cache_path)
     return result
 

@@ -62,9 +62,10 @@ def share_read_buffer(transport: asyncio.BaseTransport) -> bool:
     if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
         return False  # the proactor loop fills the buffer asynchronously: it cannot be shared
     own = getattr(protocol, "_ssl_buffer", None)
-    if not isinstance(own, bytearray) or not isinstance(getattr(protocol, "_ssl_buffer_view", None), memoryview):
+    own_view = getattr(protocol, "_ssl_buffer_view", None)
+    if not isinstance(own, bytearray) or not isinstance(own_view, memoryview):
         return False
     buffer, view = _thread_buffer(max(len(own), protocol.max_size))
-    protocol._ssl_buffer = buffer
-    protocol._ssl_buffer_view = view
+    protocol._ssl_buffer = buffer  # type: ignore[attr-defined]  # private, pinned by tests/test_tls_buffer.py
+    protocol._ssl_buffer_view = view  # type: ignore[attr-defined]
     return True

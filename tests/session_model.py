@@ -30,18 +30,18 @@ over max_literal) are exempt from the password-upstream check; everything else i
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hypothesis import note
+from hypothesis import note, target
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from emailproxy.protocols import sasl
 from emailproxy.protocols.events import (
-    REPLY_PREFIX,
     Action,
     Close,
     Log,
@@ -57,13 +57,7 @@ from emailproxy.protocols.events import (
     TokenOk,
 )
 from emailproxy.secret import Secret
-
-PREFIX = REPLY_PREFIX.encode()
-#: every password the model sends starts with this (then a per-login number and ``#``)
-PASSWORD_MARK = "Pw!"
-#: characters the PLAIN/LOGIN forms may put in a password (no NUL, CR or LF)
-PASSWORD_TEXT = st.text(st.sampled_from(list('abcXYZ019 "\\%*(){}é')), max_size=10)
-ATOM_TEXT = st.text(st.sampled_from(list("abcXYZ019._-")), max_size=10)
+from tests.session_dialect import PASSWORD_MARK, PASSWORD_TEXT, PREFIX, Dialect
 
 
 @dataclass
@@ -93,76 +87,19 @@ class Observed:
     closed: bool = False
 
 
-def plain_blob(username: str, password: str, authzid: str = "") -> bytes:
-    return sasl.b64encode(f"{authzid}\0{username}\0{password}")
-
-
-def lines(*parts: bytes) -> bytes:
-    return b"".join(part + b"\r\n" for part in parts)
-
-
-class Dialect:
-    """The protocol vocabulary a machine needs; one subclass per protocol."""
-
-    session_cls: ClassVar[type[Session]]
-    #: what the proxy may send upstream before the client is greeted (server_starttls set-up)
-    upstream_setup: ClassVar[frozenset[bytes]]
-    #: the proxy's own AUTH commands during the upstream login
-    auth_command: ClassVar[re.Pattern[bytes]]
-    #: the proxy's failure reply that ends an upstream login
-    failure: ClassVar[re.Pattern[bytes]]
-    #: the server's success line that precedes Relay
-    success: ClassVar[re.Pattern[bytes]]
-    starttls_ok: ClassVar[re.Pattern[bytes]]
-    starttls_refused: ClassVar[re.Pattern[bytes]]
-    #: server lines that could make the client's next line mean something else (see the module doc)
-    taint: ClassVar[re.Pattern[bytes] | None] = None
-    noop: ClassVar[bytes]
-    #: one server line used to flood the server side; literal_slack: a LOGIN literal may be held too
-    server_flood_line: ClassVar[bytes]
-    literal_slack: ClassVar[bool] = False
-
-    def relay_also_ok(self, machine: SessionMachine, line: bytes) -> bool:
-        """Relay without a token (IMAP PREAUTH, or an AUTHENTICATE the client ran itself)."""
-        return False
-
-    def greeting(self, data: st.DataObject) -> bytes:
-        raise NotImplementedError
-
-    def command(self, data: st.DataObject, machine: SessionMachine) -> None:
-        """Send one command that is not a login (through machine.client_payload or begin_exchange)."""
-        raise NotImplementedError
-
-    def login(self, data: st.DataObject, machine: SessionMachine) -> None:
-        """Send one login (registering it with machine.new_login first)."""
-        raise NotImplementedError
-
-    def starttls(self, marker: bytes, machine: SessionMachine) -> bytes:
-        raise NotImplementedError
-
-    def server_reply(self, data: st.DataObject, machine: SessionMachine) -> bytes:
-        raise NotImplementedError
-
-    def server_continuation(self, data: st.DataObject) -> bytes:
-        raise NotImplementedError
-
-    def sensible(self, machine: SessionMachine) -> list[bytes]:
-        """Replies (without the final line end) a server could give to the last command sent upstream."""
-        raise NotImplementedError
-
-
 def _split(data: st.DataObject, payload: bytes) -> list[bytes]:
     """``payload`` cut at up to six random points (chunks may be one byte long)."""
     if not payload:
         return [payload]
     cuts = data.draw(st.lists(st.integers(1, len(payload)), max_size=6), label="cuts")
     points = sorted({0, len(payload), *cuts})
-    return [payload[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [payload[a:b] for a, b in itertools.pairwise(points)]
 
 
 _GARBAGE_LINE = st.binary(max_size=40).filter(
-    lambda b: b"\n" not in b
-    and not re.search(rb"(?i)auth|login|user|pass|tls|data|bdat|apop|idle|pw!|\}\r?$", b)
+    lambda b: (
+        b"\n" not in b and not re.search(rb"(?i)auth|login|user|pass|tls|data|bdat|apop|idle|pw!|\}\r?$", b)
+    )
 )
 
 
@@ -195,6 +132,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.starttls_marker: bytes | None = None  # the injection after a STARTTLS in flight
         self.injections: dict[bytes, bool] = {}  # marker -> the STARTTLS before it was accepted
         self.forwarded_authenticate = False
+        self.relayed = False
         self.tags: list[bytes] = []  # tags of forwarded IMAP commands, for the server's replies
         self.upstream: list[bytes] = []  # everything sent upstream, for the server's replies
         self.counter = 0
@@ -203,23 +141,31 @@ class SessionMachine(RuleBasedStateMachine):
 
     @initialize(data=st.data())
     def start(self, data: st.DataObject) -> None:
-        options = data.draw(
-            st.fixed_dictionaries(
-                {
-                    "server_starttls": st.sampled_from([False, False, True]),
-                    "local_starttls": st.booleans(),
-                    "client_tls": st.sampled_from([False, False, True]),
-                    "max_line": st.sampled_from([128, 1024]),
-                    "max_literal": st.sampled_from([8, 4096, 4096]),
-                    "max_buffer": st.sampled_from([1024, 4096]),
-                }
-            ),
-            label="options",
+        limits = st.tuples(
+            st.sampled_from([128, 1024]), st.sampled_from([8, 4096, 4096]), st.sampled_from([1024, 4096])
         )
-        self.options = SessionOptions(**options)
+        max_line, max_literal, max_buffer = data.draw(limits, label="max_line, max_literal, max_buffer")
+        server_starttls, local_starttls, client_tls = data.draw(
+            st.tuples(
+                st.sampled_from([False, False, True]), st.booleans(), st.sampled_from([False, False, True])
+            ),
+            label="server_starttls, local_starttls, client_tls",
+        )
+        self.options = SessionOptions(
+            server_starttls=server_starttls,
+            local_starttls=local_starttls,
+            client_tls=client_tls,
+            max_line=max_line,
+            max_literal=max_literal,
+            max_buffer=max_buffer,
+        )
         self.session = (self.session_cls or self.dialect.session_cls)(self.options)
         if data.draw(st.integers(0, 9), label="greet") > 0:
             self.server_payload(data, self.dialect.greeting(data))
+            opening = self.dialect.opening
+            if opening and self.greeted and not self.finished and data.draw(st.integers(0, 3), label="open"):
+                self.client_payload(data, opening)
+                self.server_reply(data, sensible=True)
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -280,15 +226,21 @@ class SessionMachine(RuleBasedStateMachine):
             self.deferred.append((side, chunk))
             return Observed()
         stream = self.client_stream if side is Side.CLIENT else self.server_stream
-        start, phase_before = len(stream), self.auth_phase
+        start = len(stream)
         if not self.finished:
             stream += chunk
-        seen = self.observe(call(chunk), "data")
         taint = self.dialect.taint
-        if side is Side.SERVER and taint is not None and not (phase_before and self.auth_phase):
-            if taint.search(bytes(self.server_stream[max(start - 1, 0) :])):
+        if side is Side.SERVER and taint is not None:
+            # A line that may turn the client's next line into something else, unless the proxy itself
+            # consumes it during the upstream login; a line after another line in the same chunk may
+            # come after the login ended, so it counts too.
+            region = bytes(self.server_stream[max(start - 1, 0) :])  # from the byte before the chunk
+            if self.auth_phase:
+                end = chunk.find(b"\n")  # only lines after the chunk's first one
+                region = region[len(region) - len(chunk) + end :] if 0 <= end < len(chunk) - 1 else b""
+            if region and taint.search(region):
                 self.taint_logins()
-        return seen
+        return self.observe(call(chunk), "data")
 
     def taint_logins(self) -> None:
         self.tainted = True
@@ -331,6 +283,11 @@ class SessionMachine(RuleBasedStateMachine):
                 self.finish()
         self.settle()
         return seen
+
+    def teardown(self) -> None:
+        # steer generation towards runs that get far: logins resolved, tokens used, relays reached
+        depth = sum(login.resolved for login in self.logins) + len(self.tokens) // 3 + 5 * self.relayed
+        target(float(depth), label="depth")
 
     def finish(self) -> None:
         self.finished = True
@@ -415,9 +372,22 @@ class SessionMachine(RuleBasedStateMachine):
             assert not (accepted and marker in action.to_server), "injected bytes relayed upstream"
         assert before and isinstance(before[-1], SendToClient), "Relay without the success line"
         line = before[-1].data
-        assert self.dialect.success.match(line), f"Relay after {line!r}"
+        assert self.dialect.success.search(line), f"Relay after {line!r}"
         assert self.auth_phase or self.dialect.relay_also_ok(self, line), f"Relay without a login: {line!r}"
+        self.relayed = True
         self.finish()
+
+    def driver_turn(self, data: st.DataObject) -> None:
+        """The driver often completes a pending NeedToken or StartTls right away (the rules below do it
+        later, interleaved with more bytes)."""
+        if self.tls_pending is not None and data.draw(st.booleans(), label="tls now"):
+            self.tls_done()
+        if self.pending_token is not None and self.tls_pending is None:
+            answer = data.draw(st.sampled_from(["later", "ok", "ok", "failure"]), label="token now")
+            if answer == "ok":
+                self.token_ok(data)
+            elif answer == "failure":
+                self.token_failure("no token for you")
 
     def settle(self) -> None:
         """The client notices an answer that ends what it waits for."""
@@ -428,9 +398,23 @@ class SessionMachine(RuleBasedStateMachine):
     # --------------------------------------------------------------------------------- client rules
 
     @precondition(lambda self: self.client_free)
-    @rule(data=st.data())
-    def client_command(self, data: st.DataObject) -> None:
-        self.dialect.command(data, self)
+    @rule(data=st.data(), kind=st.sampled_from(["command"] * 7 + ["starttls", "garbage line", "garbage"]))
+    def client_command(self, data: st.DataObject, kind: str) -> None:
+        """A command that is not a login; sometimes STARTTLS with a command injected after it, a garbage
+        line (which cannot change how later lines are framed), or raw garbage (which can: dirty)."""
+        if kind == "command":
+            self.dialect.command(data, self)
+        elif kind == "starttls":
+            marker = b"INJ%dX" % self.fresh()
+            self.starttls_marker = marker
+            self.client_payload(data, self.dialect.starttls(marker, self))
+            self.settle()
+        elif kind == "garbage line":
+            self.client_payload(data, data.draw(_GARBAGE_LINE, label="garbage line") + b"\r\n")
+        else:
+            self.dirty = True
+            self.client_payload(data, data.draw(st.binary(min_size=1, max_size=60), label="garbage"))
+        self.driver_turn(data)
 
     @precondition(lambda self: self.client_free)
     @rule(data=st.data())
@@ -449,10 +433,13 @@ class SessionMachine(RuleBasedStateMachine):
         self.awaiting = Awaiting(since, prompt, error, steps)
         self.client_payload(data, first)
         self.settle()
+        self.driver_turn(data)
 
     @precondition(
-        lambda self: self.awaiting is not None
-        and self.awaiting.prompt.search(bytes(self.view[self.awaiting.since :])) is not None
+        lambda self: (
+            self.awaiting is not None
+            and self.awaiting.prompt.search(bytes(self.view[self.awaiting.since :])) is not None
+        )
     )
     @rule(data=st.data())
     def client_continues(self, data: st.DataObject) -> None:
@@ -465,6 +452,7 @@ class SessionMachine(RuleBasedStateMachine):
             self.awaiting = Awaiting(since, prompt, self.awaiting.error, self.awaiting.steps)
         self.client_payload(data, payload)
         self.settle()
+        self.driver_turn(data)
 
     @precondition(lambda self: self.awaiting is not None)
     @rule()
@@ -473,24 +461,6 @@ class SessionMachine(RuleBasedStateMachine):
         self.awaiting = None
         self.dirty = True
 
-    @precondition(lambda self: self.client_free)
-    @rule(data=st.data())
-    def client_starttls(self, data: st.DataObject) -> None:
-        marker = b"INJ%dX" % self.fresh()
-        self.starttls_marker = marker
-        self.client_payload(data, self.dialect.starttls(marker, self))
-        self.settle()
-
-    @precondition(lambda self: self.client_free)
-    @rule(data=st.data(), raw=st.booleans())
-    def client_garbage(self, data: st.DataObject, raw: bool) -> None:
-        """A garbage line (cannot change how later lines are framed), or raw garbage (can: dirty)."""
-        if raw:
-            self.dirty = True
-            self.client_payload(data, data.draw(st.binary(min_size=1, max_size=60), label="garbage"))
-        else:
-            self.client_payload(data, data.draw(_GARBAGE_LINE, label="garbage line") + b"\r\n")
-
     @precondition(lambda self: not self.finished and self.tls_pending is Side.CLIENT)
     @rule(data=st.data(), garbage=st.binary(min_size=1, max_size=30))
     def client_during_handshake(self, data: st.DataObject, garbage: bytes) -> None:
@@ -498,12 +468,14 @@ class SessionMachine(RuleBasedStateMachine):
 
     def buffer_bound(self) -> int:
         options = self.options
-        return options.max_buffer + options.max_line + (options.max_literal if self.dialect.literal_slack else 0)
+        return (
+            options.max_buffer + options.max_line + (options.max_literal if self.dialect.literal_slack else 0)
+        )
 
     @precondition(lambda self: self.client_free)
     @rule(
         data=st.data(),
-        kind=st.sampled_from(["none", "none", "none", "client", "commands", "server", "server lines"]),
+        kind=st.sampled_from(["client", "commands", "server", "server lines", *["none"] * 28]),
         parts=st.integers(1, 8),
     )
     def flood(self, data: st.DataObject, kind: str, parts: int) -> None:
@@ -541,12 +513,18 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(data=st.data(), sensible=st.sampled_from([True, True, True, False]))
     def server_reply(self, data: st.DataObject, sensible: bool) -> None:
         """Mostly the reply a server would give to the last command sent upstream, else any reply."""
-        fragments = self.dialect.sensible(self) if sensible else []
+        if not sensible:
+            fragments = []
+        elif not self.upstream and not self.greeted:
+            fragments = self.dialect.good_greetings()
+        else:
+            fragments = self.dialect.sensible(self)
         if fragments:
             payload = data.draw(st.sampled_from(fragments), label="reply") + b"\r\n"
         else:
             payload = self.dialect.server_reply(data, self)
         self.server_payload(data, payload)
+        self.driver_turn(data)
 
     @precondition(lambda self: not self.finished)
     @rule(data=st.data(), garbage=st.booleans())
@@ -556,6 +534,7 @@ class SessionMachine(RuleBasedStateMachine):
             self.server_payload(data, data.draw(st.binary(min_size=1, max_size=60), label="garbage"))
         else:
             self.server_payload(data, self.dialect.server_continuation(data))
+        self.driver_turn(data)
 
     # ----------------------------------------------------------------------------------- completions
 
@@ -574,7 +553,9 @@ class SessionMachine(RuleBasedStateMachine):
         finished = self.finished
         actions = self.session.token_result(TokenOk(username, secret))
         self.observe(actions, "completion")
-        assert finished or any(isinstance(a, SendToServer) for a in actions), f"no upstream login after TokenOk: {actions}"
+        assert finished or any(isinstance(a, SendToServer) for a in actions), (
+            f"no upstream login after TokenOk: {actions}"
+        )
 
     @precondition(lambda self: self.pending_token is not None and self.tls_pending is None)
     @rule(message=st.sampled_from(["no token for you", "Invalid password"]))
@@ -585,7 +566,9 @@ class SessionMachine(RuleBasedStateMachine):
         actions = self.session.token_result(TokenFailure(message))
         self.observe(actions, "completion")
         replies = b"".join(a.data for a in actions if isinstance(a, SendToClient))
-        assert finished or PREFIX + message.encode() in replies, f"the failure did not reach the client: {actions}"
+        assert finished or PREFIX + message.encode() in replies, (
+            f"the failure did not reach the client: {actions}"
+        )
 
     @precondition(lambda self: self.tls_pending is not None and not self.finished)
     @rule()
@@ -618,4 +601,3 @@ class SessionMachine(RuleBasedStateMachine):
             call = lambda: self.session.tls_started(side)  # noqa: E731
         actions = call()
         assert all(isinstance(a, Log) for a in actions), f"unexpected {which} completion acted: {actions}"
-

@@ -172,7 +172,9 @@ class ImapSession(Session):
         """Process buffered bytes from both sides until neither can make progress."""
         actions: list[Action] = []
         try:
-            while self._state not in _FINISHED and (self._step_server(actions) or self._step_client(actions)):
+            # after each server line, the client's waiting lines are handled first: the result then does not
+            # depend on how either side's bytes were split into chunks
+            while self._state not in _FINISHED and (self._step_client(actions) or self._step_server(actions)):
                 pass
         except LineTooLong:
             return actions + self._close(b"* BYE line too long" + CRLF, "line too long")

@@ -80,7 +80,8 @@ def _config(
     extra_passdb = passdb_block(lua_path) if tuning.token_table is not None else ""
     imap_limits = "  process_limit = 1000\n"
     if tuning.imap_client_limit != 1:
-        imap_limits += f"  client_limit = {tuning.imap_client_limit}\n"
+        # service_count 0: a process keeps serving new sessions (with 1, each process takes one and exits)
+        imap_limits += f"  client_limit = {tuning.imap_client_limit}\n  service_count = 0\n"
     return f"""\
 # Private Dovecot for the emailproxy integration tests (generated).
 instance_name = {instance_name}

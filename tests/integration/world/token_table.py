@@ -1,11 +1,12 @@
-"""A cheap token check for benchmarks: a Lua passdb inside Dovecot's auth process that answers from a table file.
+"""A cheap token check for benchmarks: a Lua passdb in Dovecot's auth process answering from a table file.
 
 The default world checks every token with `checkpassword.py`, which forks a Python process per login (about
-35 ms of CPU): fine for tests, but it caps a 2-core machine near 50 logins/s. With a token table, Dovecot's Lua
-passdb (Debian package `dovecot-auth-lua`) looks the token up in a file of `token TAB user TAB expiry` lines
-(user `*`: an app-only token, valid for every mailbox). A token that is not in the table falls through to the
-checkpassword passdb as before, so the table only makes known-good tokens cheap; it never accepts a token the
-identity provider would refuse at the time it was written (expired or wrong-user tokens are refused).
+35 ms of CPU): fine for tests, but it caps a 2-core machine near 50 logins/s. With a token table, Dovecot's
+Lua passdb (Debian package `dovecot-auth-lua`) looks the token up in a file of `token TAB user TAB expiry`
+lines (user `*`: an app-only token, valid for every mailbox). A token that is not in the table falls
+through to the checkpassword passdb as before, so the table only makes known-good tokens cheap; it never
+accepts a token the identity provider would refuse at the time it was written (expired or wrong-user tokens
+are refused).
 """
 
 from __future__ import annotations
