@@ -126,19 +126,42 @@ async def _serve(config: Config, tokens: TokenManager, config_path: Path, cache_
         await broker.stop()
         return EXIT_RUNTIME
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, proxy.request_stop)
     reloader = ConfigReloader(config_path, config, _reload(proxy, tokens, broker), cache_store=cache_store)
-    loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
+    handled = _install_signal_handlers(loop, proxy, reloader)
     reloader.start()
-    await proxy.wait_stopped()
-    loop.remove_signal_handler(signal.SIGHUP)
+    try:
+        await proxy.wait_stopped()
+    except asyncio.CancelledError:  # Ctrl-C where the loop has no signal handlers (Windows)
+        pass
+    for sig in handled:
+        loop.remove_signal_handler(sig)
     await reloader.close()
     log.info("Stopping: closing %d connection(s)", len(proxy.connections))
     await proxy.stop()
     await broker.stop()
     log.info("Stopped")
     return EXIT_OK
+
+
+def _install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, proxy: ProxyServer, reloader: ConfigReloader
+) -> list[signal.Signals]:
+    """SIGINT/SIGTERM stop, SIGHUP reloads. Windows has no SIGHUP and its event loops take no signal
+    handlers: there Ctrl-C stops the proxy and the file watcher reloads it."""
+    handlers: list[tuple[signal.Signals, Callable[[], None]]] = [
+        (signal.SIGINT, proxy.request_stop), (signal.SIGTERM, proxy.request_stop)
+    ]
+    if hasattr(signal, "SIGHUP"):
+        handlers.append((signal.SIGHUP, lambda: reloader.request("SIGHUP")))
+    installed = []
+    for sig, handler in handlers:
+        try:
+            loop.add_signal_handler(sig, handler)
+        except (NotImplementedError, RuntimeError):
+            log.debug("signal %s cannot be handled on this platform", sig.name)
+            continue
+        installed.append(sig)
+    return installed
 
 
 def _reload(

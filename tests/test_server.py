@@ -76,3 +76,27 @@ def test_unreadable_local_certificate_is_a_clean_error(
     err = capsys.readouterr().err
     assert "cannot load local_certificate_path/local_key_path" in err
     assert "Traceback" not in err
+
+
+def test_signal_handlers_are_optional(tmp_path: Path) -> None:
+    """Windows event loops take no signal handlers (and have no SIGHUP): the proxy must still start."""
+    from emailproxy.cli import _install_signal_handlers
+
+    class Loop:
+        def add_signal_handler(self, sig: object, handler: object) -> None:
+            raise NotImplementedError
+
+    class Dummy:
+        def request_stop(self) -> None: ...
+        def request(self, reason: str = "") -> None: ...
+
+    assert _install_signal_handlers(Loop(), Dummy(), Dummy()) == []  # type: ignore[arg-type]
+
+    async def real() -> list[object]:
+        loop = asyncio.get_running_loop()
+        installed = _install_signal_handlers(loop, Dummy(), Dummy())  # type: ignore[arg-type]
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        return [s.name for s in installed]
+
+    assert asyncio.run(real()) == ["SIGINT", "SIGTERM", "SIGHUP"]
