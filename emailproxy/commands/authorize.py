@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from emailproxy.cachestore import open_token_store
 from emailproxy.config import AccountConfig, Config, ConfigError, load_config
-from emailproxy.configwrite import ConfigFileStore
 from emailproxy.log import setup_logging
 from emailproxy.oauth import flows
 from emailproxy.oauth.endpoint import TokenEndpoint
@@ -100,8 +100,6 @@ def main(argv: Sequence[str]) -> int:
     if not args.debug:  # the command prints what matters; the log shows only problems
         logging.getLogger("emailproxy").setLevel(logging.WARNING)
     config_path = Path(args.config_file) if args.config_file else Path.cwd() / "emailproxy.config"
-    if args.cache_store and args.cache_store.startswith("aws:"):
-        return _fail("--cache-store aws:... is not supported by this version; use a file path", EXIT_USAGE)
     try:
         config = load_config(config_path, cache_store=args.cache_store, require_servers=False)
     except ConfigError as exc:
@@ -169,7 +167,7 @@ async def _authorise(config: Config, account: AccountConfig, password: str, args
             broker.announcers.append(
                 lambda _: print("After signing in, " + "; ".join(tips) + ".\n" + waiting, flush=True)
             )
-        store = ConfigFileStore(Path(args.cache_store) if args.cache_store else config.path)
+        store = open_token_store(args.cache_store, config.path)
         manager = TokenManager(config, store, endpoint, interactive=broker)
         result = await manager.get_token(account.username, Secret(password))
     finally:
