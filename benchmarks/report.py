@@ -284,4 +284,5 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- {note}" for note in meta.get("notes", [])]
+    lines += ["", "What limits the figures that miss a target, as measured: see benchmarks/README.md."]
     return "\n".join(lines) + "\n"

@@ -198,24 +198,46 @@ class ConfigFileStore:
         """
         target = os.path.realpath(self.path)
         with _lock_for(target):
-            try:
-                with open(target, "rb") as handle:
-                    original: bytes | None = handle.read()
-            except FileNotFoundError:
-                original = None
-            raw = original or b""
-            bom = raw.startswith(b"\xef\xbb\xbf")
-            text = raw[3 if bom else 0 :].decode("utf-8", "surrogateescape")
-            updated = apply_changes(text, section, changes)
-            if original is not None and updated == text:
-                return
-            data = (b"\xef\xbb\xbf" if bom else b"") + updated.encode("utf-8", "surrogateescape")
-            _atomic_write(target, data, original is not None)
+            for _attempt in range(_MERGE_ATTEMPTS):
+                try:
+                    with open(target, "rb") as handle:
+                        original: bytes | None = handle.read()
+                        seen: _Signature | None = _signature(os.fstat(handle.fileno()))
+                except FileNotFoundError:
+                    original, seen = None, None
+                raw = original or b""
+                bom = raw.startswith(b"\xef\xbb\xbf")
+                text = raw[3 if bom else 0 :].decode("utf-8", "surrogateescape")
+                updated = apply_changes(text, section, changes)
+                if original is not None and updated == text:
+                    return
+                data = (b"\xef\xbb\xbf" if bom else b"") + updated.encode("utf-8", "surrogateescape")
+                if _atomic_write(target, data, seen):
+                    return
+                # the file changed while we merged (a user's save): merge again on top of their version
+            raise OSError(f"{target} kept changing while saving tokens; tried {_MERGE_ATTEMPTS} times")
 
 
-def _atomic_write(target: str, data: bytes, exists: bool) -> None:
+_MERGE_ATTEMPTS = 5
+_Signature = tuple[int, int, int, int]
+
+
+def _signature(stat: os.stat_result) -> _Signature:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _current_signature(target: str) -> _Signature | None:
+    try:
+        return _signature(os.stat(target))
+    except FileNotFoundError:
+        return None
+
+
+def _atomic_write(target: str, data: bytes, seen: _Signature | None) -> bool:
+    """Write ``data`` to a temporary file and rename it over ``target``, unless ``target`` no longer is the
+    file that was read (``seen``; None: it did not exist): then nothing is replaced and False is returned."""
     directory = os.path.dirname(target) or "."
-    stat = os.stat(target) if exists else None
+    stat = os.stat(target) if seen is not None else None
     fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -226,12 +248,16 @@ def _atomic_write(target: str, data: bytes, exists: bool) -> None:
         if stat is not None and hasattr(os, "chown"):
             with contextlib.suppress(OSError):  # keep the owner when we may (running as root)
                 os.chown(temp, stat.st_uid, stat.st_gid)
+        if _current_signature(target) != seen:  # narrows the window for a concurrent save to the rename
+            os.unlink(temp)
+            return False
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
     _fsync_directory(directory)
+    return True
 
 
 def _fsync_directory(directory: str) -> None:

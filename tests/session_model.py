@@ -507,6 +507,14 @@ class SessionMachine(RuleBasedStateMachine):
             f"{size} {side.value} bytes ({unit!r}...): {passed} passed on, no Close"
         )
 
+    @precondition(lambda self: self.finished)
+    @rule(data=st.data(), side=st.sampled_from([Side.CLIENT, Side.SERVER]))
+    def after_the_end(self, data: st.DataObject, side: Side) -> None:
+        """The driver never calls the session after Relay or Close; if it did, nothing may come back."""
+        call = self.session.client_data if side is Side.CLIENT else self.session.server_data
+        chunk = data.draw(st.sampled_from([b"", b"a NOOP\r\n", b"+OK\r\n", b"250 ok\r\n", b"\xff"]))
+        self.observe(call(chunk), "data")
+
     # --------------------------------------------------------------------------------- server rules
 
     @precondition(lambda self: not self.finished)

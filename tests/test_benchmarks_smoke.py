@@ -24,9 +24,23 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
     markdown_path = tmp_path / "RESULTS.md"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--json", str(results_path), "--output",
-         str(markdown_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--smoke",
+            "--json",
+            str(results_path),
+            "--output",
+            str(markdown_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(results_path.read_text())
@@ -37,8 +51,11 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
         assert "unavailable" in markdown_path.read_text()
     sizes = results["sizes"]
 
-    expected_bytes = {"IMAP": sizes["fetch_mib"] * MIB, "SMTP": sizes["smtp_mib"] * MIB,
-                      "POP": sizes["pop_mib"] * MIB}
+    expected_bytes = {
+        "IMAP": sizes["fetch_mib"] * MIB,
+        "SMTP": sizes["smtp_mib"] * MIB,
+        "POP": sizes["pop_mib"] * MIB,
+    }
     assert len(results["bulk"]) == 3
     for name, entry in results["bulk"].items():
         assert entry["bytes"] >= expected_bytes[name.split()[0]] * 0.99, (name, entry["bytes"])
@@ -54,7 +71,7 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
             storm = results["storm"][protocol][key]
             assert storm["median"] > 0 and storm["failures"] == 0, (protocol, key, storm)
 
-    (count, idle), = results["idle"].items()
+    ((count, idle),) = results["idle"].items()
     for key in keys:
         assert idle[key]["succeeded"] == idle[key]["attempted"] == int(count), (key, idle[key])
     assert idle["ours"]["rss_per_session"] > 0

@@ -396,3 +396,28 @@ def test_any_change_reads_back_as_intended(section: str, changes: dict[str, str 
         if other != section:
             block = ORIGINAL.split(f"[{other}]\n", 1)[1].split("\n[", 1)[0]
             assert block in result
+
+
+def test_a_user_save_during_the_merge_is_kept(tmp_path, monkeypatch):
+    """A user's save landing between our read and our rename is not overwritten: we merge again."""
+    import emailproxy.configwrite as configwrite
+
+    path = tmp_path / "emailproxy.config"
+    path.write_text("[user@example.com]\nclient_id = abc\n")
+    real_apply = configwrite.apply_changes
+    calls = []
+
+    def apply_while_the_user_saves(text, section, changes):
+        calls.append(text)
+        if len(calls) == 1:  # the user's editor saves (atomic rename) while we merge
+            user = tmp_path / "edited"
+            user.write_text("# the user's new comment\n[user@example.com]\nclient_id = abc\n")
+            user.replace(path)
+        return real_apply(text, section, changes)
+
+    monkeypatch.setattr(configwrite, "apply_changes", apply_while_the_user_saves)
+    configwrite.ConfigFileStore(path).save("user@example.com", {"access_token": "gAAAA-new"})
+    assert len(calls) == 2
+    assert path.read_text() == (
+        "# the user's new comment\n[user@example.com]\nclient_id = abc\naccess_token = gAAAA-new\n"
+    )
