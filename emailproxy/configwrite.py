@@ -256,11 +256,11 @@ def _atomic_write(target: str, data: bytes, seen: _Signature | None) -> bool:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return True
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
     """Make the rename durable (not possible on every platform, e.g. Windows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)

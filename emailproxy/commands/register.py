@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from emailproxy import __version__
 from emailproxy.checks import check_config, format_finding, problems
 from emailproxy.config import DEFAULT_LOCAL_ADDRESS, FLOWS, ConfigError, load_config, parse_boolean
+from emailproxy.configwrite import fsync_directory
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -285,7 +286,7 @@ def write_file(path: Path, text: str, force: bool) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def _place_new(temp: str, path: Path) -> None:
@@ -300,18 +301,6 @@ def _place_new(temp: str, path: Path) -> None:
         if os.path.lexists(path):  # no hard links here: check, then rename
             raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
         os.replace(temp, path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def main(argv: Sequence[str]) -> int:
