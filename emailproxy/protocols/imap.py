@@ -378,8 +378,10 @@ class ImapSession(Session):
     def _on_command_reply(self, line: Line) -> list[Action]:
         response = parse_response(line.body)
         if response.tag == b"+":
-            # for a literal the client is already sending; otherwise the client answers with one line
-            self._continuation = not self._client.mid_message
+            # for a literal the client is already sending; in a SASL exchange the client answers with one
+            # line. A "+" to any other command is out of turn: the client's next line stays a command (it
+            # may be a pipelined LOGIN, whose password must never go upstream)
+            self._continuation = self._forwarded_auth and not self._client.mid_message
             return [SendToClient(line.data)]
         if response.tag != self._tag:
             return self._forward_response(line, rewrite=not self._forwarded_auth)
