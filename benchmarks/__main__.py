@@ -89,7 +89,8 @@ def proxy_sections(world: World, ports: dict[str, int]) -> dict[str, dict[str, s
             "server_port": str(p.submission),
             "server_starttls": "True",
         },
-        "emailproxy": {"allow_catch_all_accounts": "True"},
+        # the idle phase holds up to 10,000 sessions: above the default max_connections (1000)
+        "emailproxy": {"allow_catch_all_accounts": "True", "max_connections": "100000"},
         f"@{world.domain}": {
             "token_url": world.idp.token_url(),
             "oauth2_scope": "https://outlook.office365.com/.default",

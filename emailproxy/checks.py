@@ -30,6 +30,8 @@ from emailproxy.config import (
     resolve_account,
 )
 from emailproxy.configread import scope_problems
+from emailproxy.oauth import client as token_clients
+from emailproxy.oauth import flows
 
 Level = Literal["error", "warning", "info", "ok"]
 ERROR: Level = "error"
@@ -130,6 +132,8 @@ def check_config(config: Config) -> list[Finding]:
         microsoft = is_microsoft(account.oauth2_scope or "", account.token_url)
         extra += bare_scope_findings(account.section, own_scope, microsoft)
         extra += tenant_findings(account)
+        extra += backend_findings(account)
+        extra += first_use_findings(account)
     for server in config.servers:
         extra += placeholder_findings(server.section, {"server_address": server.server_address})
     covered = {(f.section, f.key) for f in found if "placeholder" in f.message}
@@ -408,5 +412,46 @@ def tenant_findings(account: AccountConfig) -> list[Finding]:
             "token_url",
             f"the client credentials flow needs your tenant in token_url, not '{match.group(1)}'",
             "use https://login.microsoftonline.com/<your tenant ID or domain>/oauth2/v2.0/token",
+        )
+    ]
+
+
+def backend_findings(account: AccountConfig) -> list[Finding]:
+    """``token_backend = msal`` on an account msal cannot serve: say why the standards-based client does."""
+    msal = token_clients.MSAL
+    if account.token_backend != msal or token_clients.select_backend(account) == msal:
+        return []
+    flow = account.oauth2_flow
+    if flow not in token_clients.MSAL_FLOWS:
+        reason = f"msal does not run the {flow or 'configured'} flow"
+    elif token_clients.authority_for(account.token_url) is None:
+        reason = "token_url is not a v2.0 endpoint (https://HOST/TENANT/oauth2/v2.0/token)"
+    elif flow == "password":
+        reason = "msal runs the password flow only with a client secret or certificate"
+    else:
+        reason = "msal runs the device flow only for public clients (no client secret or certificate)"
+    return [
+        Finding(
+            WARNING,
+            account.section,
+            "token_backend",
+            f"token_backend = msal is not used: {reason}; the standards-based client serves this account",
+            "remove token_backend, or set token_backend = standard",
+        )
+    ]
+
+
+def first_use_findings(account: AccountConfig) -> list[Finding]:
+    """An app-only account without ``local_password_hash``: its first login chooses the local password."""
+    if not flows.is_app_only(account) or account.local_password_hash:
+        return []
+    return [
+        Finding(
+            INFO,
+            account.section,
+            "local_password_hash",
+            f"the first login for {account.section} decides its local password (no person takes part in "
+            f"the {flows.effective_flow(account)} flow)",
+            f"bind one in advance: emailproxy set-password {account.section}",
         )
     ]

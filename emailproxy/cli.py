@@ -17,7 +17,9 @@ from emailproxy.cachestore import CacheStoreError, open_token_store
 from emailproxy.checks import check_config
 from emailproxy.commands import COMMANDS
 from emailproxy.config import Config, ConfigError, load_config
+from emailproxy.fdlimit import descriptor_shortfall, raise_open_file_limit
 from emailproxy.log import LOG_FORMATS, LogSetupError, setup_logging
+from emailproxy.oauth.client import TokenClients
 from emailproxy.oauth.endpoint import TokenEndpoint
 from emailproxy.oauth.interactive import AuthorisationBroker
 from emailproxy.oauth.tokens import TokenManager
@@ -100,17 +102,26 @@ def run(argv: Sequence[str]) -> int:
         if finding.is_problem:
             log.warning("%s", finding.describe(str(config.path)))
     log.info("Starting %s %s with %s", APP_NAME, __version__, config.path)
-    endpoint = TokenEndpoint()
-    broker = AuthorisationBroker.for_config(config, endpoint)
-    tokens = TokenManager(config, store, endpoint, interactive=broker)
+    open_files = raise_open_file_limit()
+    shortfall = descriptor_shortfall(config.options.max_connections, open_files)
+    if shortfall:
+        log.warning("%s", shortfall)
+    endpoint = TokenEndpoint(timeout=config.options.token_request_timeout)
+    client = TokenClients(endpoint)  # one for the broker and the manager: msal apps are built once
+    broker = AuthorisationBroker.for_config(config, client)
+    tokens = TokenManager(config, store, client, interactive=broker)
     try:
-        return asyncio.run(_serve(config, tokens, config_path, cache_store, broker, args.external_auth))
+        return asyncio.run(
+            _serve(config, tokens, config_path, cache_store, broker, args.external_auth, endpoint)
+        )
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        client.close()
 
 
 async def _serve(config: Config, tokens: TokenManager, config_path: Path, cache_store: str | None,
-                 broker: AuthorisationBroker, external_auth: bool) -> int:
+                 broker: AuthorisationBroker, external_auth: bool, endpoint: TokenEndpoint) -> int:
     try:
         proxy = ProxyServer(config, tokens)
     except ListenError as e:  # e.g. a local certificate file that cannot be read
@@ -126,7 +137,8 @@ async def _serve(config: Config, tokens: TokenManager, config_path: Path, cache_
         await broker.stop()
         return EXIT_RUNTIME
     loop = asyncio.get_running_loop()
-    reloader = ConfigReloader(config_path, config, _reload(proxy, tokens, broker), cache_store=cache_store)
+    reloader = ConfigReloader(config_path, config, _reload(proxy, tokens, broker, endpoint),
+                              cache_store=cache_store)
     handled = _install_signal_handlers(loop, proxy, reloader)
     reloader.start()
     try:
@@ -165,11 +177,12 @@ def _install_signal_handlers(
 
 
 def _reload(
-    proxy: ProxyServer, tokens: TokenManager, broker: AuthorisationBroker
+    proxy: ProxyServer, tokens: TokenManager, broker: AuthorisationBroker, endpoint: TokenEndpoint
 ) -> Callable[[Config], Awaitable[None]]:
     """What a reload does with a valid new configuration: accounts at once, then the listeners."""
 
     async def apply(config: Config) -> None:
+        endpoint.timeout = config.options.token_request_timeout
         tokens.update_config(config)
         await proxy.apply(config)
         await broker.configure(config)

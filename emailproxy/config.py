@@ -68,6 +68,10 @@ def describe_problem(path: str, message: str, section: str | None, key: str | No
     return text
 
 
+#: the default ``token_backend``: msal for Microsoft v2.0 authorities, the standards-based client elsewhere
+BACKEND_AUTO = "auto"
+
+
 @dataclass(frozen=True, slots=True)
 class GlobalOptions:
     delete_account_token_on_password_error: bool = True
@@ -76,8 +80,20 @@ class GlobalOptions:
     allow_catch_all_accounts: bool = False
     #: not in the reference: seconds a login is held while an interactive authorisation is pending
     authorisation_wait_seconds: float = 60.0
+    #: not in the reference: seconds a token endpoint request may take before the login fails
+    token_request_timeout: float = 30.0
     #: not in the reference: also show the authorisation page to clients on other machines
     allow_remote_authorisation_page: bool = False
+    #: not in the reference: which token client accounts use by default (TOKEN_BACKENDS; see oauth.client)
+    token_backend: str = BACKEND_AUTO
+    #: not in the reference: open sessions (all listeners) before new connections are refused; 0: no cap
+    max_connections: int = 1000
+    #: not in the reference: refuse logins for a while after repeated failed local logins (emailproxy.limits)
+    login_failure_backoff: bool = True
+    #: failed logins for one user name from one client address before its logins are refused for a while
+    login_failure_limit: int = 5
+    #: different user names failing from one client address before all its logins are refused for a while
+    login_failure_address_limit: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +151,10 @@ class AccountConfig:
     cached: CachedTokens = field(default_factory=CachedTokens)
     #: ``oauth2_flow`` as written in the file (before the permission_url rule), for diagnostics
     written_oauth2_flow: str | None = None
+    #: not in the reference: "auto", "msal" or "standard" (the account's value, else [emailproxy]'s)
+    token_backend: str = BACKEND_AUTO
+    #: not in the reference: the hash a login's password must match (``emailproxy.oauth.localpassword``)
+    local_password_hash: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +170,12 @@ class Config:
 
     def find_account(self, username: str) -> AccountConfig | None:
         """Exact section, then case-insensitive, then [@domain] and [@] when catch-all is allowed."""
-        return resolve_account(self.account_sections, username, self.options.allow_catch_all_accounts)
+        return resolve_account(
+            self.account_sections,
+            username,
+            self.options.allow_catch_all_accounts,
+            default_token_backend=self.options.token_backend,
+        )
 
 
 # ------------------------------------------------------------------------------------------ known keys
@@ -187,11 +212,15 @@ ACCOUNT_SETTING_KEYS = (
     "use_pkce",
     "jwt_certificate_path",
     "jwt_key_path",
+    "local_password_hash",
+    "token_backend",
 )
 ACCOUNT_KEYS = frozenset(ACCOUNT_SETTING_KEYS) | frozenset(CACHE_KEYS) | {"documentation"}
 ALL_KEYS = GLOBAL_KEYS | SERVER_KEYS | ACCOUNT_KEYS
 
 FLOWS = ("authorization_code", "device", "client_credentials", "password", "service_account")
+#: ``token_backend`` values: msal for Microsoft v2.0 authorities (auto), msal, or the standards-based client
+TOKEN_BACKENDS = ("auto", "msal", "standard")
 _TRUE = frozenset({"1", "yes", "true", "on"})
 _FALSE = frozenset({"0", "no", "false", "off"})
 
@@ -245,7 +274,11 @@ def _catch_all_chain(sections: Mapping[str, Mapping[str, str]], username: str) -
 
 
 def resolve_account(
-    sections: Mapping[str, Mapping[str, str]], username: str, allow_catch_all: bool
+    sections: Mapping[str, Mapping[str, str]],
+    username: str,
+    allow_catch_all: bool,
+    *,
+    default_token_backend: str = BACKEND_AUTO,
 ) -> AccountConfig | None:
     """Resolve ``username`` the way decisions.md section 2 describes; None when nothing matches.
 
@@ -301,6 +334,8 @@ def resolve_account(
         jwt_key_path=get("jwt_key_path"),
         cached=cached,
         written_oauth2_flow=written_flow,
+        local_password_hash=get("local_password_hash"),
+        token_backend=(get("token_backend") or default_token_backend).strip().lower(),
     )
 
 

@@ -13,10 +13,10 @@ import io
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from emailproxy.cachestore import AwsSecretStore, CacheStoreError, is_aws_spec
@@ -29,6 +29,7 @@ from emailproxy.config import (
     GLOBAL_KEYS,
     GLOBAL_SECTION,
     SERVER_KEYS,
+    TOKEN_BACKENDS,
     AccountConfig,
     Config,
     ConfigError,
@@ -42,7 +43,9 @@ from emailproxy.config import (
     parse_boolean,
     resolve_account,
 )
+from emailproxy.limits import COUNT_OPTIONS
 from emailproxy.oauth.credentials import setting_problems
+from emailproxy.oauth.localpassword import hash_problem
 
 _SERVER_LIKE_RE = re.compile(r"^(IMAP|POP|SMTP)-(.*)$")
 _SERVER_LOOKALIKE_RE = re.compile(r"^(imap|pop3?|smtp)[-_ ]?\d+$", re.IGNORECASE)
@@ -240,8 +243,17 @@ class _Loader:
                 key,
                 hint,
             )
+        elif key == _BACKEND_KEY:
+            self.token_backend(section, value)
         elif key in ("client_id", "client_secret") and _PLACEHOLDER_RE.search(value):
             self.warn("still holds the sample's placeholder", section, key, "fill in your own value")
+        elif key == "local_password_hash" and (problem := hash_problem(value)) is not None:
+            raise self.error(
+                f"not a usable password hash: {problem}",
+                section,
+                key,
+                "set it with `emailproxy set-password ACCOUNT`, or delete the line",
+            )
         if key in _PATH_KEYS and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             self.warn(
                 "the value is wrapped in quotes, which are kept as part of the path",
@@ -249,6 +261,18 @@ class _Loader:
                 key,
                 "remove the quotes",
             )
+
+    def token_backend(self, section: str, value: str) -> str:
+        """A ``token_backend`` value (any letter case), or ConfigError naming the allowed ones."""
+        folded = value.strip().lower()
+        if folded not in TOKEN_BACKENDS:
+            raise self.error(
+                f"unknown token backend '{value}'",
+                section,
+                _BACKEND_KEY,
+                "use one of " + ", ".join(TOKEN_BACKENDS) + _inline_hint(value),
+            )
+        return folded
 
     def check_url(self, section: str, key: str, value: str) -> None:
         link = _MARKDOWN_LINK_RE.match(value)
@@ -310,18 +334,53 @@ def _load_globals(
         return GlobalOptions()
     section = parser[GLOBAL_SECTION]
     loader.check_keys(GLOBAL_SECTION, own[GLOBAL_SECTION], GLOBAL_KEYS, "the [emailproxy] section")
-    values = {
+    values: dict[str, Any] = {
         f.name: loader.boolean(GLOBAL_SECTION, f.name, section[f.name])
         for f in fields(GlobalOptions)
-        if f.name in section and f.name != _WAIT_KEY
+        if f.name in section
+        and f.name not in (_WAIT_KEY, _TIMEOUT_KEY, _BACKEND_KEY)
+        and f.name not in COUNT_OPTIONS
     }
     wait = GlobalOptions().authorisation_wait_seconds
     if section.get(_WAIT_KEY, "").strip():
         wait = _seconds(loader, section[_WAIT_KEY])
-    return GlobalOptions(**values, authorisation_wait_seconds=wait)
+    timeout = GlobalOptions().token_request_timeout
+    if section.get(_TIMEOUT_KEY, "").strip():
+        timeout = _timeout_seconds(loader, section[_TIMEOUT_KEY])
+    counts: dict[str, Any] = {k: _count(loader, k, section[k]) for k in COUNT_OPTIONS if section.get(k)}
+    options = GlobalOptions(**values, authorisation_wait_seconds=wait, token_request_timeout=timeout)
+    if section.get(_BACKEND_KEY, "").strip():
+        options = replace(options, token_backend=loader.token_backend(GLOBAL_SECTION, section[_BACKEND_KEY]))
+    return replace(options, **counts)
 
 
 _WAIT_KEY = "authorisation_wait_seconds"
+_BACKEND_KEY = "token_backend"
+_TIMEOUT_KEY = "token_request_timeout"
+
+
+def _count(loader: _Loader, key: str, value: str) -> int:
+    low, high, example = COUNT_OPTIONS[key]
+    number = int(value) if value.strip().isdecimal() else -1
+    if not low <= number <= high:
+        raise loader.error(f"'{value}' is not a whole number from {low} to {high}", GLOBAL_SECTION, key,
+                           f"for example {key} = {example}" + _inline_hint(value))
+    return number
+
+
+def _timeout_seconds(loader: _Loader, value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):  # also refuses nan
+        raise loader.error(
+            f"'{value}' is not a number of seconds above 0",
+            GLOBAL_SECTION,
+            _TIMEOUT_KEY,
+            "for example token_request_timeout = 30" + _inline_hint(value),
+        )
+    return number
 
 
 def _seconds(loader: _Loader, value: str) -> float:

@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,24 +199,34 @@ class ConfigFileStore:
         """
         target = os.path.realpath(self.path)
         with _lock_for(target):
-            for _attempt in range(_MERGE_ATTEMPTS):
-                try:
-                    with open(target, "rb") as handle:
-                        original: bytes | None = handle.read()
-                        seen: _Signature | None = _signature(os.fstat(handle.fileno()))
-                except FileNotFoundError:
-                    original, seen = None, None
-                raw = original or b""
-                bom = raw.startswith(b"\xef\xbb\xbf")
-                text = raw[3 if bom else 0 :].decode("utf-8", "surrogateescape")
-                updated = apply_changes(text, section, changes)
-                if original is not None and updated == text:
-                    return
-                data = (b"\xef\xbb\xbf" if bom else b"") + updated.encode("utf-8", "surrogateescape")
-                if _atomic_write(target, data, seen):
-                    return
-                # the file changed while we merged (a user's save): merge again on top of their version
-            raise OSError(f"{target} kept changing while saving tokens; tried {_MERGE_ATTEMPTS} times")
+            try:
+                _merge_and_write(target, section, changes)
+            except OSError as exc:
+                if exc.strerror and target not in str(exc):  # ENOSPC and the like name no file
+                    exc.strerror += f" (while saving {target})"
+                raise
+            _remove_stale_temp_files(target)
+
+
+def _merge_and_write(target: str, section: str, changes: Mapping[str, str | None]) -> None:
+    for _attempt in range(_MERGE_ATTEMPTS):
+        try:
+            with open(target, "rb") as handle:
+                original: bytes | None = handle.read()
+                seen: _Signature | None = _signature(os.fstat(handle.fileno()))
+        except FileNotFoundError:
+            original, seen = None, None
+        raw = original or b""
+        bom = raw.startswith(b"\xef\xbb\xbf")
+        text = raw[3 if bom else 0 :].decode("utf-8", "surrogateescape")
+        updated = apply_changes(text, section, changes)
+        if original is not None and updated == text:
+            return
+        data = (b"\xef\xbb\xbf" if bom else b"") + updated.encode("utf-8", "surrogateescape")
+        if _atomic_write(target, data, seen):
+            return
+        # the file changed while we merged (a user's save): merge again on top of their version
+    raise OSError(f"{target} kept changing while saving tokens; tried {_MERGE_ATTEMPTS} times")
 
 
 _MERGE_ATTEMPTS = 5
@@ -271,3 +282,32 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: a temporary file left by a save that was killed half-way is removed once it is this old (seconds)
+STALE_TEMP_SECONDS = 600.0
+_TEMP_NAME_RE = re.compile(r"[a-z0-9_]{8}")  # the random part tempfile.mkstemp puts in its names
+
+
+def _remove_stale_temp_files(target: str) -> None:
+    """Delete the temporary files of interrupted saves (SIGKILL, power loss) next to ``target``, so they
+    cannot pile up. Only names this module makes, and only old ones: a running save is never touched."""
+    directory = os.path.dirname(target) or "."
+    prefix, suffix = "." + os.path.basename(target) + ".", ".tmp"
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    try:
+        with os.scandir(directory) as entries:
+            stale = [
+                entry.path
+                for entry in entries
+                if entry.name.startswith(prefix)
+                and entry.name.endswith(suffix)
+                and _TEMP_NAME_RE.fullmatch(entry.name[len(prefix) : -len(suffix)])
+                and entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < cutoff
+            ]
+    except OSError:
+        return
+    for path in stale:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

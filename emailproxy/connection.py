@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from emailproxy.config import ServerConfig
+from emailproxy.limits import LoginBackoff, normalise_address
 from emailproxy.log import ConnectionLog
 from emailproxy.protocols.events import (
     Action,
@@ -31,6 +32,7 @@ from emailproxy.protocols.events import (
     Side,
     StartTls,
     TokenFailure,
+    TokenOk,
     TokenResult,
 )
 from emailproxy.secret import Secret
@@ -113,6 +115,8 @@ class ProxyConnection:
         timeouts: Timeouts,
         log: ConnectionLog,
         on_closed: Callable[[ProxyConnection], None] = lambda _c: None,
+        backoff: LoginBackoff | None = None,
+        on_opened: Callable[[ProxyConnection], None] = lambda _c: None,
     ) -> None:
         self.settings = settings
         self.session = session
@@ -122,6 +126,11 @@ class ProxyConnection:
         self.timeouts = timeouts
         self.log = log
         self.on_closed = on_closed
+        #: called once the client is connected (on an implicit-TLS listener: after its handshake, which,
+        #: when it fails, asyncio reports to nobody; so a connection counts as open only from here on)
+        self.on_opened = on_opened
+        self.backoff = backoff  # failed local logins per client address (None: not tracked)
+        self.client_address = ""
         self.client = _End(self, Side.CLIENT)
         self.server = _End(self, Side.SERVER)
         self.relaying = False
@@ -150,6 +159,8 @@ class ProxyConnection:
 
     def end_connected(self, side: Side) -> None:
         if side is Side.CLIENT:
+            self.client_address = _peer_address(self.client.transport)
+            self.on_opened(self)
             # hold the client until the upstream is there; its bytes wait in the kernel
             self.client.pause_reading()
             loop = asyncio.get_running_loop()
@@ -231,6 +242,9 @@ class ProxyConnection:
             if isinstance(action, SendToServer):
                 self._log_data("proxy -> server", action.data, action.sensitive)
                 self.server.write(action.data)
+                # after the send: sending re-arms delayed ACKs, and the server's reply may be held
+                # behind an unacknowledged segment (its TLS session tickets) by Nagle's algorithm
+                _ack_quickly(self.server.transport)
             elif isinstance(action, SendToClient):
                 self._log_data("proxy -> client", action.data, action.sensitive)
                 self.client.write(action.data)
@@ -254,14 +268,37 @@ class ProxyConnection:
             self.log.debug("%s: %s", direction, REDACTED if sensitive else _printable(data))
 
     async def _get_token(self, request: NeedToken) -> None:
-        try:
-            result = await self.tokens.get_token(request.username, request.password)
-        except Exception:
-            self.log.exception("unexpected error while getting a token")
-            result = TokenFailure(
-                f"Login failed for account {request.username} - internal error (see the proxy's log)"
-            )
+        refusal = self.backoff.refusal(self.client_address, request.username) if self.backoff else None
+        if refusal is not None:
+            message = refusal.message(request.username)
+            self.log.info("login refused without checking the password: %s", message)
+            result: TokenResult = TokenFailure(message)
+        else:
+            try:
+                result = await self.tokens.get_token(request.username, request.password)
+            except Exception:
+                self.log.exception("unexpected error while getting a token")
+                result = TokenFailure(
+                    f"Login failed for account {request.username} - internal error (see the proxy's log)"
+                )
+            self._count_login(request.username, result)
         self._when_ready(lambda: self._execute(self.session.token_result(result)))
+
+    def _count_login(self, username: str, result: TokenResult) -> None:
+        """Tell the backoff about a login the local password decided (not IdP or network failures)."""
+        if self.backoff is None:
+            return
+        if isinstance(result, TokenOk):
+            self.backoff.succeeded(self.client_address, username)
+        elif result.local:
+            engaged = self.backoff.failed(self.client_address, username)
+            if engaged is not None:
+                self.log.warning(
+                    "repeated failed logins from %s%s: its logins are refused for %d s",
+                    self.client_address or "an unknown address",
+                    "" if engaged.whole_address else f" for {username}",
+                    engaged.seconds,
+                )
 
     def _when_ready(self, event: Callable[[], None]) -> None:
         if self.closed:
@@ -378,13 +415,23 @@ class ProxyConnection:
         self.on_closed(self)
 
 
+def _peer_address(transport: asyncio.Transport | None) -> str:
+    """The client's IP address as text (IPv4-mapped IPv6 addresses as IPv4), or "" if unknown."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+        return normalise_address(peer[0])
+    return ""
+
+
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 def _ack_quickly(transport: asyncio.Transport | None) -> None:
     """Before login, acknowledge the server's segments at once. Servers that write a reply as several small
     segments (Postfix after a TLS handshake: session tickets, then its reply) wait for our ACK under Nagle's
-    algorithm, and a delayed ACK would add ~40 ms to a login at random."""
+    algorithm, and a delayed ACK would add ~40 ms to a login at random. Linux clears the flag again, so it
+    is set after every read and every write before login: the session ticket itself is read inside
+    asyncio's TLS layer, so only the flag set after our next write covers it."""
     if _QUICKACK is None or transport is None:
         return
     sock = transport.get_extra_info("socket")

@@ -8,9 +8,11 @@ import itertools
 import logging
 import socket
 import ssl
+from typing import cast
 
-from emailproxy.config import Config, ServerConfig
+from emailproxy.config import Config, GlobalOptions, ServerConfig
 from emailproxy.connection import ProxyConnection, Timeouts, TokenProvider
+from emailproxy.limits import BackoffPolicy, LoginBackoff, Throttle
 from emailproxy.log import ConnectionLog
 from emailproxy.protocols.events import Session, SessionOptions
 from emailproxy.protocols.imap import ImapSession
@@ -25,6 +27,10 @@ SESSIONS: dict[str, type[Session]] = {"IMAP": ImapSession, "POP": PopSession, "S
 
 
 BACKLOG = 512
+#: what a client over ``max_connections`` is told (in its protocol's words) before the connection is closed
+BUSY = "Too many connections, try again later"
+#: seconds between two warnings about refused connections (the ones in between are counted)
+REFUSAL_REPORT_INTERVAL = 60.0
 
 
 class ListenError(Exception):
@@ -53,6 +59,28 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def backoff_policy(options: GlobalOptions) -> BackoffPolicy:
+    return BackoffPolicy(
+        enabled=options.login_failure_backoff,
+        limit=options.login_failure_limit,
+        address_limit=options.login_failure_address_limit,
+    )
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection over ``max_connections``: the refusal is its greeting, then it is closed. Nothing is
+    read and no upstream connection is made. (On an implicit-TLS listener asyncio completes the handshake
+    before ``connection_made``, so the refusal arrives inside TLS, where the mail client can show it.)"""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)
+        stream.write(self.reply)
+        stream.close()
 
 
 class Listener:
@@ -110,6 +138,10 @@ class Listener:
             client_tls=s.local_tls,
         )
         session = SESSIONS[s.protocol](options)
+        cap = self.proxy.config.options.max_connections
+        if cap and len(self.proxy.connections) >= cap:
+            self.proxy.report_refusal(s.section)
+            return _Refusal(session.limit_reply(BUSY))
         conn = ProxyConnection(
             s,
             session,
@@ -119,8 +151,13 @@ class Listener:
             timeouts=self.proxy.timeouts,
             log=ConnectionLog(s.section, next(self.proxy.numbers)),
             on_closed=self.proxy.connections.discard,
+            backoff=self.proxy.backoff,
+            on_opened=self.proxy.connections.add,
         )
-        self.proxy.connections.add(conn)
+        if not s.local_tls:
+            # counted at once, so a burst of accepts cannot overshoot the cap; an implicit-TLS connection
+            # counts from the end of its handshake (asyncio tells nobody when a handshake fails)
+            self.proxy.connections.add(conn)
         conn.log.debug("accepted connection")
         return conn.client
 
@@ -150,6 +187,9 @@ class ProxyServer:
         self.upstream_tls = upstream_context()
         self.numbers = itertools.count(1)
         self.connections: set[ProxyConnection] = set()
+        self.backoff = LoginBackoff(backoff_policy(config.options))
+        self.refusals = Throttle(REFUSAL_REPORT_INTERVAL)
+        self._refusal_report: asyncio.TimerHandle | None = None
         self.listeners = [Listener(s, self) for s in config.servers]
         self._stopped = asyncio.Event()
 
@@ -173,6 +213,7 @@ class ProxyServer:
         """
         plan = plan_listeners((listener.settings for listener in self.listeners), config.servers)
         self.config = config
+        self.backoff.configure(backoff_policy(config.options))
         running = {listener.settings.section: listener for listener in self.listeners}
         for settings in plan.removed:
             listener = running.pop(settings.section)
@@ -219,6 +260,30 @@ class ProxyServer:
         self.listeners = sorted(running.values(), key=lambda lst: order.get(lst.settings.section, len(order)))
         return plan
 
+    def report_refusal(self, section: str) -> None:
+        """Warn that a connection was refused for ``max_connections``: at once for the first, then at most
+        once per REFUSAL_REPORT_INTERVAL with the count refused meanwhile (a flood must not flood the log)."""
+        count = self.refusals.event()
+        if count is not None:
+            self._warn_refusals(count, section)
+        elif self._refusal_report is None:
+            loop = asyncio.get_running_loop()
+            self._refusal_report = loop.call_later(self.refusals.due_in(), self._flush_refusals)
+
+    def _flush_refusals(self) -> None:
+        self._refusal_report = None
+        count = self.refusals.flush()
+        if count:
+            self._warn_refusals(count, None)
+
+    def _warn_refusals(self, count: int, section: str | None) -> None:
+        where = f" on [{section}]" if section else ""
+        log.warning(
+            "Refused %d new connection(s)%s: [emailproxy] max_connections (%d) sessions were open; the "
+            "clients were told to try again later (reported at most once a minute)",
+            count, where, self.config.options.max_connections,
+        )
+
     def request_stop(self) -> None:
         self._stopped.set()
 
@@ -227,6 +292,9 @@ class ProxyServer:
 
     async def stop(self, grace: float = 2.0) -> None:
         """Close the listeners, say goodbye to every client, and wait (briefly) for the writes to drain."""
+        if self._refusal_report is not None:
+            self._refusal_report.cancel()
+            self._flush_refusals()
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.close()

@@ -22,6 +22,7 @@ from emailproxy.checks import (
 )
 from emailproxy.commands import check as check_command
 from emailproxy.config import Config, ConfigError, ServerConfig, load_config
+from emailproxy.oauth.localpassword import hash_password
 from emailproxy.probes import (
     ServerProbe,
     TokenProbe,
@@ -93,7 +94,9 @@ def keyed(findings: list[Finding]) -> list[tuple[str, str | None, str | None]]:
 
 
 def test_clean_configuration_has_no_problems(tmp_path: Path) -> None:
-    assert check_config(load(tmp_path, CLEAN)) == []
+    findings = check_config(load(tmp_path, CLEAN))
+    assert problems(findings) == []
+    assert [f.key for f in findings] == ["local_password_hash"]  # only the first-use advice
 
 
 def test_vendor_sample_problems_are_all_explained(tmp_path: Path) -> None:
@@ -487,3 +490,19 @@ def test_probe_of_a_silent_starttls_port_times_out_clearly() -> None:
         server.close()
     assert probe.tls_error == "no plain-text greeting: timed out"
     assert not probe.implicit_tls_works
+
+
+def test_app_only_account_without_a_bound_password_gets_an_advisory(tmp_path: Path) -> None:
+    findings = check_config(load(tmp_path, CLEAN))
+    advisory = [f for f in findings if f.key == "local_password_hash"]
+    assert len(advisory) == 1
+    assert advisory[0].section == "@" and not advisory[0].is_problem  # advice: `check` still exits 0
+    assert advisory[0].hint == "bind one in advance: emailproxy set-password @"
+    assert "first login" in advisory[0].message
+
+
+def test_bound_password_or_interactive_flow_needs_no_advisory(tmp_path: Path) -> None:
+    bound = CLEAN + f"local_password_hash = {hash_password('a long local password')}\n"
+    interactive = CLEAN.replace("oauth2_flow = client_credentials", "oauth2_flow = password")
+    for text in (bound, interactive):
+        assert not [f for f in check_config(load(tmp_path, text)) if f.key == "local_password_hash"]

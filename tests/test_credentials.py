@@ -465,7 +465,9 @@ def test_service_account_wrong_password_is_refused_and_nothing_deleted(
     assert isinstance(login(manager, "bob@example.com"), TokenOk)
     saves = len(store.saves)
     result = login(manager, "bob@example.com", "wrong-password")
-    assert result == TokenFailure("Login failed - the password for account bob@example.com is incorrect")
+    assert result == TokenFailure(
+        "Login failed - the password for account bob@example.com is incorrect", local=True
+    )
     assert len(endpoint.requests) == 1 and len(store.saves) == saves
 
 

@@ -63,7 +63,10 @@ def authorization(**kwargs: Any) -> DeviceAuthorization:
 
 
 def run_poll(endpoint: Endpoint, clock: Clock, auth: DeviceAuthorization) -> dict[str, Any]:
-    return asyncio.run(device.poll(endpoint.post, auth, started=clock.now, clock=clock, sleep=clock.sleep))
+    async def poll_once() -> dict[str, Any]:
+        return await endpoint.post(device.poll_form(auth))
+
+    return asyncio.run(device.poll(poll_once, auth, started=clock.now, clock=clock, sleep=clock.sleep))
 
 
 # ---------------------------------------------------------------------------------------- forms, parsing

@@ -293,7 +293,9 @@ def test_reference_written_files_log_in_without_requests(fixture, file_name, use
     # and a wrong password is refused without touching anything (reference default deletes for auth code)
     w2 = world(acct, delete_account_token_on_password_error=False)
     result = w2.login(username, details["password"] + "!")
-    assert result == TokenFailure(f"Login failed - the password for account {username} is incorrect")
+    assert result == TokenFailure(
+        f"Login failed - the password for account {username} is incorrect", local=True
+    )
     assert w2.endpoint.requests == [] and w2.store.saves == []
 
 
@@ -332,7 +334,9 @@ def test_legacy_iterations_are_rotated():
 def test_wrong_password_kept_tokens_when_deletion_is_off():
     w = world(account(**cached()), delete_account_token_on_password_error=False)
     result = w.login("user@example.com", "nope")
-    assert result == TokenFailure("Login failed - the password for account user@example.com is incorrect")
+    assert result == TokenFailure(
+        "Login failed - the password for account user@example.com is incorrect", local=True
+    )
     assert w.store.saves == [] and w.endpoint.requests == []
     assert ok_token(w.login("user@example.com")) == "at-old"  # the right password still works
 
@@ -374,7 +378,9 @@ def test_wrong_password_with_ropc_deletes_and_runs_the_password_grant():
 def test_wrong_password_never_deletes_for_app_only_accounts(flow):
     w = world(ccg_account(oauth2_flow=flow, **cached(refresh=None)))
     result = w.login("ccg@example.com", "nope")
-    assert result == TokenFailure("Login failed - the password for account ccg@example.com is incorrect")
+    assert result == TokenFailure(
+        "Login failed - the password for account ccg@example.com is incorrect", local=True
+    )
     assert w.store.saves == [] and w.endpoint.requests == []
 
 
@@ -383,7 +389,9 @@ def test_undecryptable_client_secret_is_always_a_wrong_password():
     values["client_secret_encrypted"] = enc("secret-1")
     w = world(ropc_account(client_secret=None, **values))  # deletion on, and ROPC would otherwise re-run
     result = w.login("ropc@example.com", "nope")
-    assert result == TokenFailure("Login failed - the password for account ropc@example.com is incorrect")
+    assert result == TokenFailure(
+        "Login failed - the password for account ropc@example.com is incorrect", local=True
+    )
     assert w.store.saves == [] and w.endpoint.requests == []
 
 
@@ -737,7 +745,28 @@ def test_invalid_salt_is_replaced():
 )
 def test_config_and_password_messages(acct, password, message):
     w = world(*([acct] if acct else []))
-    assert w.login("x@example.com", password) == TokenFailure(message)
+    result = w.login("x@example.com", password)
+    assert isinstance(result, TokenFailure) and result.message == message
+    # only the client's own mistakes count towards the failed-login backoff; a config problem does not
+    assert result.local == (acct is None or password == "")
+
+
+def test_only_the_clients_own_mistakes_are_local_failures():
+    w = world(
+        ccg_account(**cached()),
+        ropc_account(),
+        responses=(
+            TokenNetworkError("idp.invalid did not answer within 30 s"),
+            TokenEndpointError(400, "invalid_grant", "AADSTS50126: bad credentials"),
+        ),
+        delete_account_token_on_password_error=False,
+    )
+    wrong = w.login("ccg@example.com", "not the password")
+    assert isinstance(wrong, TokenFailure) and wrong.local
+    network = w.login("ropc@example.com", "whatever")
+    assert isinstance(network, TokenFailure) and not network.local
+    refused = w.login("ropc@example.com", "whatever")  # the IdP refusing the password is not local
+    assert isinstance(refused, TokenFailure) and not refused.local and "invalid_grant" in refused.message
 
 
 def test_no_secret_reaches_the_log(caplog):

@@ -14,4 +14,5 @@ COMMANDS: dict[str, str] = {
     "accounts": "emailproxy.commands.accounts",
     "logs": "emailproxy.commands.logs",
     "test": "emailproxy.commands.test",
+    "set-password": "emailproxy.commands.setpassword",
 }

@@ -24,6 +24,7 @@ from emailproxy.cachestore import open_token_store
 from emailproxy.config import AccountConfig, Config, ConfigError, load_config
 from emailproxy.log import setup_logging
 from emailproxy.oauth import flows
+from emailproxy.oauth.client import TokenClients
 from emailproxy.oauth.endpoint import TokenEndpoint
 from emailproxy.oauth.interactive import AuthorisationBroker, PendingAuthorisation
 from emailproxy.oauth.redirect import RedirectListener, listen_address
@@ -136,8 +137,8 @@ def _show(pending: PendingAuthorisation) -> None:
 
 
 async def _authorise(config: Config, account: AccountConfig, password: str, args: argparse.Namespace) -> int:
-    endpoint = TokenEndpoint()
-    broker = AuthorisationBroker(endpoint, RedirectListener(), wait_seconds=None, code_lifetime=args.timeout)
+    client = TokenClients(TokenEndpoint(timeout=config.options.token_request_timeout))
+    broker = AuthorisationBroker(client, RedirectListener(), wait_seconds=None, code_lifetime=args.timeout)
     shown: list[PendingAuthorisation] = []
     broker.announcers += [shown.append, _show]
     flow = flows.effective_flow(account)
@@ -168,11 +169,11 @@ async def _authorise(config: Config, account: AccountConfig, password: str, args
                 lambda _: print("After signing in, " + "; ".join(tips) + ".\n" + waiting, flush=True)
             )
         store = open_token_store(args.cache_store, config.path)
-        manager = TokenManager(config, store, endpoint, interactive=broker)
+        manager = TokenManager(config, store, client, interactive=broker)
         result = await manager.get_token(account.username, Secret(password))
     finally:
         await broker.stop()
-        endpoint.close()
+        client.close()
     where = args.cache_store or str(config.path)
     if not isinstance(result, TokenOk):
         return _fail(result.message)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import secrets
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from emailproxy.config import AccountConfig
@@ -76,6 +77,18 @@ def authorize_url(account: AccountConfig, username: str, state: str, pkce: Pkce 
     base = account.permission_url or ""
     separator = "&" if "?" in base else "?"
     return base + separator + "&".join(f"{name}={_quote(value)}" for name, value in params)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CodeRequest:
+    """An authorization-code request in progress (a token client's ``begin_code``): the URL to show, our
+    ``state``, and what redeeming the code needs later: the PKCE pair, or msal's auth-code flow dict.
+    Both stay out of the repr."""
+
+    url: str
+    state: str
+    pkce: Pkce | None = dataclasses.field(default=None, repr=False)
+    flow: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
 
 def token_request(

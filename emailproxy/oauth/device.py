@@ -4,7 +4,7 @@ The device-code request is a form POST to ``permission_url`` (section 3.1; the r
 Polling follows section 3.5: wait ``interval`` seconds (default 5) before every poll, keep waiting on
 ``authorization_pending``, add 5 seconds to the interval on ``slow_down``, and give up when the device
 code's ``expires_in`` has passed. Network errors and 5xx answers are retried at the same pace. The
-caller supplies the HTTP POST and the client's authentication fields, so this module does no I/O itself.
+caller supplies one poll (a token client's ``poll_device``), so this module does no I/O itself.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SLOW_DOWN_STEP = 5.0
 #: used when the response has no usable ``expires_in`` (RFC 8628 makes it required)
 DEFAULT_EXPIRES_IN = 900.0
 
-PostForm = Callable[[dict[str, str]], Awaitable[dict[str, Any]]]
+PollOnce = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class DeviceFlowError(Exception):
@@ -41,7 +41,10 @@ class DeviceFlowError(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeviceAuthorization:
-    """A device authorization response (RFC 8628 section 3.2). The device code stays out of reprs."""
+    """A device authorization response (RFC 8628 section 3.2). The device code stays out of reprs.
+
+    ``flow`` is what a token client needs to poll besides the device code (msal's device-flow dict).
+    """
 
     device_code: str = dataclasses.field(repr=False)
     user_code: str
@@ -49,6 +52,7 @@ class DeviceAuthorization:
     verification_uri_complete: str | None = None
     expires_in: float = DEFAULT_EXPIRES_IN
     interval: float = DEFAULT_INTERVAL
+    flow: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def link(self) -> str:
@@ -99,7 +103,7 @@ def poll_form(authorization: DeviceAuthorization) -> dict[str, str]:
 
 
 async def poll(
-    post: PostForm,
+    poll_once: PollOnce,
     authorization: DeviceAuthorization,
     *,
     started: float | None = None,
@@ -109,8 +113,8 @@ async def poll(
 ) -> dict[str, Any]:
     """Poll until the user approves (returns the token response) or the code expires (DeviceFlowError).
 
-    ``started`` is when the device code was issued (``clock()`` time); ``post`` sends one poll form and
-    returns the JSON token response, raising TokenEndpointError/TokenNetworkError like TokenEndpoint.
+    ``started`` is when the device code was issued (``clock()`` time); ``poll_once`` asks the token endpoint
+    once and returns the token response, raising TokenEndpointError/TokenNetworkError like TokenEndpoint.
     """
     deadline = (clock() if started is None else started) + authorization.expires_in
     interval = authorization.interval
@@ -122,7 +126,7 @@ async def poll(
         if clock() > deadline:
             raise DeviceFlowError("expired_token", "the device code expired before the sign-in was completed")
         try:
-            return await post(poll_form(authorization))
+            return await poll_once()
         except TokenEndpointError as exc:
             if exc.error == "authorization_pending":
                 continue

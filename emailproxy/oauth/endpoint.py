@@ -68,11 +68,42 @@ class TokenEndpointProtocol(Protocol):
     def post(self, url: str, form: Mapping[str, str]) -> dict[str, Any]: ...
 
 
-def _short_host(url: str) -> str:
+def short_host(url: str) -> str:
+    """The host (and port) of a URL, for log lines and error texts."""
     try:
         return urlsplit(url).netloc or url
     except ValueError:
         return url
+
+
+def request_verify() -> bool | str:
+    """``verify=`` for one request: ``SSL_CERT_FILE`` when set (a per-request value is not overridden by
+    ``REQUESTS_CA_BUNDLE``), else True (requests' default bundle, or ``REQUESTS_CA_BUNDLE``)."""
+    ca_file = os.environ.get("SSL_CERT_FILE")
+    return ca_file if ca_file else True
+
+
+def network_error(exc: requests.exceptions.RequestException, url: str, timeout: float) -> TokenNetworkError:
+    """The TokenNetworkError for a failed request to ``url`` (its text names the host, never the request)."""
+    host = short_host(url)
+    if isinstance(exc, requests.exceptions.Timeout):
+        return TokenNetworkError(f"{host} did not answer within {timeout:g} s")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return TokenNetworkError(f"TLS error talking to {host}")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return TokenNetworkError(f"could not connect to {host}")
+    return TokenNetworkError(f"request to {host} failed ({type(exc).__name__})")
+
+
+def oauth_error(status: int, body: Mapping[str, Any]) -> TokenEndpointError | None:
+    """The TokenEndpointError for a JSON OAuth error object (RFC 6749 5.2), or None when it is not one."""
+    error = body.get("error")
+    if not isinstance(error, str) or not error:
+        return None
+    description = body.get("error_description")
+    return TokenEndpointError(
+        status, error, str(description)[:MAX_DESCRIPTION] if description is not None else None
+    )
 
 
 def _error_from_response(response: requests.Response) -> TokenEndpointError:
@@ -81,11 +112,8 @@ def _error_from_response(response: requests.Response) -> TokenEndpointError:
         body = response.json()
     except ValueError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"]:
-        description = body.get("error_description")
-        text = str(description)[:MAX_DESCRIPTION] if description is not None else None
-        return TokenEndpointError(status, body["error"], text)
-    return TokenEndpointError(status, f"http_{status}", response.reason or None)
+    error = oauth_error(status, body) if isinstance(body, dict) else None
+    return error or TokenEndpointError(status, f"http_{status}", response.reason or None)
 
 
 class TokenEndpoint:
@@ -109,23 +137,15 @@ class TokenEndpoint:
         self._session.close()
 
     def post(self, url: str, form: Mapping[str, str]) -> dict[str, Any]:
-        ca_file = os.environ.get("SSL_CERT_FILE")
-        verify: bool | str = ca_file if ca_file else True
-        host = _short_host(url)
+        host = short_host(url)
         grant = form.get("grant_type", "?")
         logger.debug("Token request to %s (grant_type=%s)", host, grant)
         try:
             response = self._session.post(
-                url, data=dict(form), timeout=self.timeout, verify=verify, allow_redirects=False
+                url, data=dict(form), timeout=self.timeout, verify=request_verify(), allow_redirects=False
             )
-        except requests.exceptions.Timeout as exc:
-            raise TokenNetworkError(f"{host} did not answer within {self.timeout:g} s") from exc
-        except requests.exceptions.SSLError as exc:
-            raise TokenNetworkError(f"TLS error talking to {host}") from exc
-        except requests.exceptions.ConnectionError as exc:
-            raise TokenNetworkError(f"could not connect to {host}") from exc
         except requests.exceptions.RequestException as exc:
-            raise TokenNetworkError(f"request to {host} failed ({type(exc).__name__})") from exc
+            raise network_error(exc, url, self.timeout) from exc
         with response:
             if not 200 <= response.status_code < 300:
                 error = _error_from_response(response)
@@ -139,12 +159,7 @@ class TokenEndpoint:
                 raise TokenEndpointError(
                     response.status_code, f"http_{response.status_code}", "the response is not a JSON object"
                 )
-            if isinstance(body.get("error"), str) and body["error"]:
-                # a few providers answer errors with 200
-                description = body.get("error_description")
-                raise TokenEndpointError(
-                    response.status_code,
-                    body["error"],
-                    str(description)[:MAX_DESCRIPTION] if description is not None else None,
-                )
+            refusal = oauth_error(response.status_code, body)  # a few providers answer errors with 200
+            if refusal is not None:
+                raise refusal
             return body

@@ -3,15 +3,16 @@ login that needs it, running in the background until a person completes it.
 
 The TokenManager hands over an :class:`AuthorisationRequest` when an account needs a person (no usable
 token and an ``authorization_code`` or ``device`` flow). The first request for an account starts a
-pending authorisation: for the authorization-code flow a ``state`` and PKCE pair, an authorize URL
-logged as ``Please visit the following URL to authenticate account <user>: <url>`` and a callback
-expected by the shared :class:`~emailproxy.oauth.redirect.RedirectListener` (or pasted into a terminal
-with ``--external-auth``); for the device flow a device code, logged and polled for. Later requests
-for the same account join it. Each waiting client is held for at most ``wait_seconds``; then it gets
-a TokenFailure that tells it what to do (the URL or the code) while the authorisation stays pending.
-When it completes, the token response is handed to the request's ``complete`` callback (the
-TokenManager encrypts it with the password of the login that started it and saves it), and every
-waiting login logs in again through the normal path, which now finds the token.
+pending authorisation: for the authorization-code flow a ``state`` (and the token client's PKCE),
+an authorize URL logged as ``Please visit the following URL to authenticate account <user>: <url>``
+and a callback expected by the shared :class:`~emailproxy.oauth.redirect.RedirectListener` (or pasted
+into a terminal with ``--external-auth``); for the device flow a device code, logged and polled for.
+Later requests for the same account join it. Each waiting client is held for at most
+``wait_seconds``; then it gets a TokenFailure that tells it what to do (the URL or the code) while the
+authorisation stays pending. When it completes, the token response is handed to the request's
+``complete`` callback (the TokenManager encrypts it with the password of the login that started it
+and saves it), and every waiting login logs in again through the normal path, which now finds the
+token. All token requests go through a :class:`~emailproxy.oauth.client.TokenClient`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from emailproxy.config import AccountConfig, Config
 from emailproxy.oauth import authcode, device, flows
+from emailproxy.oauth.client import TokenClient, as_client
+from emailproxy.oauth.credentials import CredentialError
 from emailproxy.oauth.endpoint import TokenEndpointError, TokenEndpointProtocol, TokenNetworkError
 from emailproxy.oauth.redirect import (
     PageData,
@@ -50,19 +53,21 @@ CODE_LIFETIME = 3600.0
 READY_GRACE = 15.0
 RECENT_RESULTS = 20
 
+T = TypeVar("T")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AuthorisationRequest:
     """What the broker needs from the TokenManager to run one account's interactive flow.
 
-    ``client_fields`` builds the client-authentication fields of a token request (blocking: it may read
-    key files and sign; called in a worker thread). ``complete`` saves a token response (encrypting it
-    with the starting login's password) and returns the resulting TokenOk or TokenFailure.
+    ``client_secret`` is the secret the token client authenticates with (None: certificate or public
+    client). ``complete`` saves a token response (encrypting it with the starting login's password) and
+    returns the resulting TokenOk or TokenFailure.
     """
 
     account: AccountConfig
     username: str
-    client_fields: Callable[[], Mapping[str, str]] = dataclasses.field(repr=False)
+    client_secret: str | None = dataclasses.field(repr=False)
     complete: Callable[[Mapping[str, Any]], Awaitable[TokenResult]] = dataclasses.field(repr=False)
 
 
@@ -147,11 +152,12 @@ class AuthorisationBroker:
     """Runs interactive flows, one per account at a time; see the module docstring.
 
     ``wait_seconds`` None holds each login until its authorisation finishes (the ``authorize`` command).
+    ``client`` obtains the tokens (a bare token endpoint is wrapped in the routing TokenClients).
     """
 
     def __init__(
         self,
-        endpoint: TokenEndpointProtocol,
+        client: TokenClient | TokenEndpointProtocol,
         listener: RedirectListener | None = None,
         *,
         wait_seconds: float | None = DEFAULT_WAIT_SECONDS,
@@ -159,7 +165,7 @@ class AuthorisationBroker:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
-        self._endpoint = endpoint
+        self._client = as_client(client)
         self.listener = listener if listener is not None else RedirectListener()
         self.listener.page_source = self.page
         self.wait_seconds = wait_seconds
@@ -175,10 +181,10 @@ class AuthorisationBroker:
         return f"AuthorisationBroker(pending={sorted(self._pending)}, wait_seconds={self.wait_seconds})"
 
     @classmethod
-    def for_config(cls, config: Config, endpoint: TokenEndpointProtocol) -> AuthorisationBroker:
+    def for_config(cls, config: Config, client: TokenClient | TokenEndpointProtocol) -> AuthorisationBroker:
         """The proxy's broker, with a redirect listener set up from ``[emailproxy]`` options."""
         listener = RedirectListener(allow_remote_page=config.options.allow_remote_authorisation_page)
-        return cls(endpoint, listener, wait_seconds=config.options.authorisation_wait_seconds)
+        return cls(client, listener, wait_seconds=config.options.authorisation_wait_seconds)
 
     async def configure(self, config: Config) -> None:
         """Apply (re)loaded options, and listen on every redirect address the accounts need."""
@@ -329,15 +335,12 @@ class AuthorisationBroker:
             except Exception:
                 logger.exception("Could not announce the authorisation of account %s", pending.username)
 
-    async def _client_fields(self, request: AuthorisationRequest) -> dict[str, str]:
+    async def _call(self, what: str, work: Callable[..., T], *args: Any) -> T:
+        """Run a blocking token-client call in a thread; its errors become a _FlowFailed naming ``what``."""
         try:
-            return dict(await asyncio.to_thread(request.client_fields))
-        except Exception as exc:  # CredentialError and friends: name the problem, keep going no further
+            return await asyncio.to_thread(work, *args)
+        except CredentialError as exc:  # name the problem, keep going no further
             raise _FlowFailed(str(exc)) from None
-
-    async def _post(self, url: str, form: Mapping[str, str], what: str) -> dict[str, Any]:
-        try:
-            return await asyncio.to_thread(self._endpoint.post, url, form)
         except TokenEndpointError as exc:
             raise _FlowFailed(f"{what} failed: {exc}") from None
         except TokenNetworkError as exc:
@@ -350,9 +353,17 @@ class AuthorisationBroker:
         account = request.account
         if not account.redirect_uri:
             raise _FlowFailed("the authorization code flow needs a redirect_uri in the account's settings")
-        pkce = authcode.new_pkce() if account.use_pkce else None
         state = authcode.new_state()
-        pending.link = authcode.authorize_url(account, request.username, state, pkce)
+        client = self._client
+        begun = await self._call(
+            "preparing the sign-in",
+            client.begin_code,
+            account,
+            request.username,
+            state,
+            request.client_secret,
+        )
+        pending.link = begun.url
         address = listen_address(account)
         if address is not None:
             await self.listener.ensure(address)
@@ -367,37 +378,38 @@ class AuthorisationBroker:
         if callback.error is not None:
             detail = f"; {callback.error_description}" if callback.error_description else ""
             raise _FlowFailed(f"the sign-in was refused ({callback.error}{detail})")
-        assert callback.code is not None and account.token_url is not None
-        fields = await self._client_fields(request)
-        form = authcode.token_request(account, callback.code, fields, pkce)
         logger.info("Redeeming the authorisation code of account %s", request.username)
-        return await self._post(account.token_url, form, "the token request")
+        return await self._call(
+            "the token request", client.redeem_code, account, begun, callback, request.client_secret
+        )
 
     async def _device_flow(self, pending: PendingAuthorisation) -> dict[str, Any]:
         request = pending.request
         account = request.account
-        assert account.permission_url is not None and account.token_url is not None
-        token_url = account.token_url
-        body = await self._post(
-            account.permission_url, device.device_request(account), "the device code request"
-        )
-        started = time.monotonic()
+        client = self._client
         try:
-            authorization = device.parse_device_response(body)
+            authorization = await self._call(
+                "the device code request", client.start_device, account, request.client_secret
+            )
         except device.DeviceFlowError as exc:
             raise _FlowFailed(str(exc)) from None
+        started = time.monotonic()
         pending.link = authorization.link
         pending.user_code = authorization.user_code
         logger.info("%s", device_message(request.username, authorization.link, authorization.user_code))
         self._announce(pending)
 
-        async def post(form: dict[str, str]) -> dict[str, Any]:
-            fields = await self._client_fields(request)
-            return await asyncio.to_thread(self._endpoint.post, token_url, {**fields, **form})
+        async def poll_once() -> dict[str, Any]:
+            try:
+                return await asyncio.to_thread(
+                    client.poll_device, account, authorization, request.client_secret
+                )
+            except CredentialError as exc:
+                raise _FlowFailed(str(exc)) from None
 
         try:
             return await device.poll(
-                post, authorization, started=started, sleep=self._sleep, username=request.username
+                poll_once, authorization, started=started, sleep=self._sleep, username=request.username
             )
         except device.DeviceFlowError as exc:
             raise _FlowFailed(f"the device authorisation ended: {exc}") from None

@@ -23,7 +23,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from emailproxy.config import AccountConfig, CachedTokens, Config
-from emailproxy.oauth import credentials, flows
+from emailproxy.oauth import credentials, flows, localpassword
+from emailproxy.oauth.client import TokenClient, as_client
 from emailproxy.oauth.crypto import (
     ITERATIONS,
     Decrypted,
@@ -207,7 +208,7 @@ class TokenManager:
         self,
         config: Config,
         store: TokenStore,
-        endpoint: TokenEndpointProtocol,
+        client: TokenClient | TokenEndpointProtocol,
         clock: Callable[[], float] = time.time,
         *,
         key_cache: KeyCache | None = None,
@@ -216,11 +217,12 @@ class TokenManager:
         self._config = config
         self._interactive = interactive  # runs authorization-code and device flows (None: refuse them)
         self._store = store
-        self._endpoint = endpoint
+        self._client = as_client(client)  # a bare endpoint gets the routing TokenClients (msal or standard)
         self._clock = clock
         self._keys = key_cache if key_cache is not None else KeyCache()
         self._states: dict[str, _AccountState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unsaved: dict[str, dict[str, str | None]] = {}  # section -> changes a failed save kept
 
     def update_config(self, config: Config) -> None:
         """Use a reloaded config. In-memory tokens stay unless the file's cache keys were edited meanwhile."""
@@ -232,7 +234,7 @@ class TokenManager:
         account = self._config.find_account(username)
         if account is None:
             logger.error("No config file entry for account %s; login refused", username)
-            return TokenFailure(no_entry_message(username))
+            return TokenFailure(no_entry_message(username), local=True)
         problem = flows.config_problem(account)
         if problem is flows.ConfigProblem.INCOMPLETE:
             logger.error("Incomplete config file entry for account %s", username)
@@ -242,7 +244,7 @@ class TokenManager:
             return TokenFailure(no_flow_message(username))
         if not password:
             logger.error("No password provided for account %s", username)
-            return TokenFailure(no_password_message(username))
+            return TokenFailure(no_password_message(username), local=True)
         result = await self._locked_login(account, username, password.reveal())
         if isinstance(result, InteractionNeeded):  # wait for a person outside the account's lock
             assert self._interactive is not None
@@ -278,6 +280,8 @@ class TokenManager:
         return state
 
     async def _login(self, account: AccountConfig, username: str, password: str) -> _LoginResult:
+        if not await localpassword.accepts(account, password):  # before anything is read, deleted or sent
+            return TokenFailure(wrong_password_message(username), local=True)
         state = self._state_for(account)
         stored = state.stored
         salt = decode_salt(stored.token_salt)
@@ -300,7 +304,7 @@ class TokenManager:
                 logger.warning(
                     "The password for account %s does not decrypt client_secret_encrypted", username
                 )
-                return self._refuse(login)
+                return self._refuse(login, localpassword.stale_secret_message(account, username))
             login.stored_secret = secret.plaintext
             legacy = secret.iterations != ITERATIONS
 
@@ -363,15 +367,16 @@ class TokenManager:
             legacy,
         )
 
-    def _refuse(self, login: _Login) -> TokenFailure:
+    def _refuse(self, login: _Login, message: str | None = None) -> TokenFailure:
         if login.crypto is not None:
             login.crypto.forget()
-        return TokenFailure(wrong_password_message(login.username))
+        return TokenFailure(message or wrong_password_message(login.username), local=message is None)
 
     async def _password_error(self, login: _Login) -> _LoginResult:
         """The password does not open the cached tokens (reference-behaviour 2.3)."""
         options = self._config.options
-        if not options.delete_account_token_on_password_error or flows.is_app_only(login.account):
+        keep = not options.delete_account_token_on_password_error or flows.is_app_only(login.account)
+        if keep and not localpassword.binds(login.account):  # with a hash the password is right: stale values
             logger.warning(
                 "Login for account %s refused: the password does not decrypt its tokens", login.username
             )
@@ -445,16 +450,14 @@ class TokenManager:
         """Exchange the refresh token. None means it was rejected and dropped: run the full flow."""
         account = login.account
         assert account.token_url is not None
+        logger.info("Refreshing the access token for account %s", login.username)
         try:
-            form = await asyncio.to_thread(
-                flows.refresh_request, account, self._client_secret(login), refresh_token, self._clock()
+            response = await asyncio.to_thread(
+                self._client.refresh, account, self._client_secret(login), refresh_token, self._clock()
             )
         except credentials.CredentialError as exc:
             logger.error("Cannot refresh the token of account %s: %s", login.username, exc)
             return TokenFailure(credential_message(login.username, str(exc)))
-        logger.info("Refreshing the access token for account %s", login.username)
-        try:
-            response = await asyncio.to_thread(self._endpoint.post, account.token_url, form)
         except TokenEndpointError as exc:
             if exc.is_permanent:
                 logger.warning(
@@ -477,9 +480,12 @@ class TokenManager:
         """Run the account's flow for a new token."""
         account = login.account
         assert account.token_url is not None
+        flow = flows.effective_flow(account)
+        if flow is not None and flow not in flows.INTERACTIVE_FLOWS:
+            logger.info("Requesting a new token for account %s (%s)", login.username, flow)
         try:
-            request = await asyncio.to_thread(
-                flows.fresh_token_request,
+            response = await asyncio.to_thread(
+                self._client.fresh,
                 account,
                 login.username,
                 login.password,
@@ -497,9 +503,6 @@ class TokenManager:
                 return TokenFailure(interactive_message(login.username))
             logger.error("Account %s uses the unsupported flow %s", login.username, exc.flow)
             return TokenFailure(unsupported_flow_message(login.username, exc.flow))
-        logger.info("Requesting a new token for account %s (%s)", login.username, request.form["grant_type"])
-        try:
-            response = await asyncio.to_thread(self._endpoint.post, request.url, request.form)
         except TokenEndpointError as exc:
             return self._endpoint_failure(login, exc)
         except TokenNetworkError as exc:
@@ -592,15 +595,12 @@ class TokenManager:
 
     def _interaction(self, login: _Login) -> InteractionNeeded:
         """Hand the account to the broker; its tokens come back through ``_complete_interaction``."""
-        account, secret = login.account, self._client_secret(login)
-
-        def client_fields() -> dict[str, str]:
-            return credentials.client_fields(account, secret, account.token_url or "", self._clock())
 
         async def complete(response: Mapping[str, Any]) -> TokenResult:
             return await self._complete_interaction(login, response)
 
-        return InteractionNeeded(AuthorisationRequest(account, login.username, client_fields, complete))
+        request = AuthorisationRequest(login.account, login.username, self._client_secret(login), complete)
+        return InteractionNeeded(request)
 
     async def _complete_interaction(self, login: _Login, response: Mapping[str, Any]) -> TokenResult:
         """Save an interactive flow's tokens, encrypted with the password of the login that started it."""
@@ -622,17 +622,35 @@ class TokenManager:
         return changes
 
     async def _save(self, login: _Login, changes: Mapping[str, str | None]) -> None:
+        """Write ``changes`` with whatever earlier failed saves of the section kept; after a success, retry
+        the failed saves of accounts that are not busy (a busy one retries with its own next save)."""
         section = login.account.section
+        if not await self._write(login.username, section, {**self._unsaved.pop(section, {}), **changes}):
+            return
+        for other in list(self._unsaved):
+            lock = self._locks.setdefault(other.lower(), asyncio.Lock())
+            if other in self._unsaved and not lock.locked():
+                async with lock:  # free, so taken without waiting
+                    if not await self._write(other, other, self._unsaved.pop(other)):
+                        return
+
+    async def _write(self, username: str, section: str, changes: dict[str, str | None]) -> bool:
         try:
-            await asyncio.to_thread(self._store.save, section, dict(changes))
+            await asyncio.to_thread(self._store.save, section, changes)
+        except asyncio.CancelledError:  # the client left; the write goes on in its thread: keep a copy
+            self._unsaved[section] = changes
+            raise
         except Exception as exc:
-            # the tokens stay in memory, so this login (and later ones) still work until a restart
+            # the tokens stay in memory, so this login (and later ones) still work; the next save retries
+            self._unsaved[section] = changes
             logger.error(
                 "Could not save the cached tokens of account %s (%s: %s); keeping them in memory",
-                login.username,
+                username,
                 type(exc).__name__,
                 exc,
             )
+            return False
+        return True
 
     @staticmethod
     async def _fast_or_thread(work: Callable[[bool], T]) -> T:

@@ -16,10 +16,13 @@ from emailproxy.secret import Secret
 #: Prefix of every failure text the proxy itself puts into a protocol reply (the reference's wording).
 REPLY_PREFIX = "Email OAuth 2.0 Proxy: "
 
-#: Limits that bound every pre-login buffer (documented in docs/limits; the driver applies the time limits).
+#: Limits on what a client may do before login (docs/security.md, "Hostile input and limits"; the driver
+#: applies the time limits). SessionOptions carries them, so tests can use smaller values.
 MAX_LINE = 16 * 1024  # longest command or response line before login, in bytes
 MAX_LITERAL = 64 * 1024  # largest IMAP literal accepted before login, in bytes
 MAX_BUFFER = 256 * 1024  # most unprocessed bytes held for one side before login
+MAX_COMMANDS = 50  # client commands on one connection before login; one more closes it
+MAX_FAILED_LOGINS = 3  # failed logins on one connection; the reply to the last one is followed by a close
 
 
 class Side(enum.Enum):
@@ -108,9 +111,15 @@ class TokenOk:
 
 @dataclass(frozen=True, slots=True)
 class TokenFailure:
-    """Why no token could be had. ``message`` is a short, user-facing reason without REPLY_PREFIX."""
+    """Why no token could be had. ``message`` is a short, user-facing reason without REPLY_PREFIX.
+
+    ``local`` is True when the client itself is at fault (a wrong local password, an account the
+    configuration does not know, no password): such failures count towards the failed-login backoff,
+    while a refusal by the identity provider or a network problem does not.
+    """
 
     message: str
+    local: bool = False
 
 
 TokenResult = TokenOk | TokenFailure
@@ -130,6 +139,8 @@ class SessionOptions:
     max_line: int = MAX_LINE
     max_literal: int = MAX_LITERAL
     max_buffer: int = MAX_BUFFER
+    max_commands: int = MAX_COMMANDS
+    max_failed_logins: int = MAX_FAILED_LOGINS
 
 
 class ProtocolError(Exception):
@@ -176,3 +187,8 @@ class Session(ABC):
     @abstractmethod
     def error_reply(self, message: str) -> bytes:
         """An untagged/unsolicited error to send the client before closing (upstream down, timeout...)."""
+
+    def limit_reply(self, message: str) -> bytes:
+        """What to send the client before closing because it went over a limit (commands, failed
+        logins, connections): the error reply, or the protocol's "try again later" code if it has one."""
+        return self.error_reply(message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
+from emailproxy.protocols.budget import LoginBudget
 from emailproxy.protocols.events import (
     REPLY_PREFIX,
     Action,
@@ -125,6 +126,7 @@ class ImapSession(Session):
         self._segments: list[Segment] = []  # LOGIN arguments collected so far
         self._literal = bytearray()  # the LOGIN literal being collected
         self._blob: bytes | None = None  # the SASL response still to send upstream (no SASL-IR)
+        self._budget = LoginBudget(options)  # commands and failed logins allowed before login
 
     # ----------------------------------------------------------------------------------- driver API
 
@@ -342,6 +344,9 @@ class ImapSession(Session):
     def _on_command(self, piece: Piece) -> list[Action]:
         if isinstance(piece, LiteralData) or piece.continued:
             return self._forward_piece(piece)  # the rest of a command the server answered early
+        spent = self._budget.command()
+        if spent is not None:
+            return self._close(self.limit_reply(spent), "too many commands before login")
         command = parse_command(piece.body)
         if command is None:
             return self._reject_line(piece)
@@ -485,7 +490,11 @@ class ImapSession(Session):
     def _login_failed(self, message: str) -> list[Action]:
         self._state = State.READY
         self._blob = None
-        return self._tagged(f"NO {self._command} {REPLY_PREFIX}{_one_line(message)}")
+        actions = self._tagged(f"NO {self._command} {REPLY_PREFIX}{_one_line(message)}")
+        spent = self._budget.login_failed()
+        if spent is not None:
+            actions += self._close(self.limit_reply(spent), "too many failed logins")
+        return actions
 
     def _authenticate_upstream(self, username: str, token: Secret) -> list[Action]:
         if self._advertised is None or self._has("AUTH=XOAUTH2") or not self._has("AUTH=OAUTHBEARER"):

@@ -13,6 +13,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 
 from emailproxy.protocols import sasl
+from emailproxy.protocols.budget import LoginBudget
 from emailproxy.protocols.events import (
     Action,
     Close,
@@ -21,6 +22,7 @@ from emailproxy.protocols.events import (
     Session,
     SessionOptions,
     debug,
+    info,
 )
 from emailproxy.protocols.lines import LineBuffer, LineTooLong
 from emailproxy.secret import Secret
@@ -92,6 +94,7 @@ class LineSession(Session):
         self._server = LineBuffer(options.max_line)
         self._finished = False
         self._client_upgraded = False
+        self._budget = LoginBudget(options)  # commands and failed logins allowed before login
 
     # ------------------------------------------------------------------ what a subclass provides
 
@@ -188,6 +191,19 @@ class LineSession(Session):
         self._finished = True
         actions: list[Action] = [SendToClient(reply)] if reply else []
         return [*actions, Close(reason)]
+
+    def _count_command(self) -> list[Action]:
+        """Count a client command: the actions that close the connection instead, when it is one too many."""
+        spent = self._budget.command()
+        return [] if spent is None else self._close(self.limit_reply(spent), "too many commands before login")
+
+    def _refuse_login(self, reply: bytes, text: str) -> list[Action]:
+        """Send a failed login's reply, and close after it when that was the last failure allowed."""
+        actions: list[Action] = [info(f"login failed: {text}"), SendToClient(reply)]
+        spent = self._budget.login_failed()
+        if spent is not None:
+            actions += self._close(self.limit_reply(spent), "too many failed logins")
+        return actions
 
     def _relay(self, success: bytes) -> list[Action]:
         """Forward the server's success reply and switch to raw relaying with all leftovers."""

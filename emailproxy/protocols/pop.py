@@ -183,6 +183,9 @@ class PopSession(LineSession):
     # ------------------------------------------------------------------ client commands
 
     def _command(self, line: bytes) -> list[Action]:
+        closing = self._count_command()
+        if closing:
+            return closing
         keyword, argument = _split_command(line)
         user, self._user = self._user, None  # any command but PASS forgets a pending USER
         if keyword == b"USER":
@@ -333,4 +336,4 @@ class PopSession(LineSession):
         self._upstream = None
         text = message or "the server rejected the login"
         reply = f"-ERR Authentication failed. {REPLY_PREFIX}{text}\r\n".encode()
-        return [info(f"login failed: {text}"), SendToClient(reply)]
+        return self._refuse_login(reply, text)

@@ -204,6 +204,9 @@ class SmtpSession(LineSession):
     def error_reply(self, message: str) -> bytes:
         return f"421 4.3.0 {REPLY_PREFIX}{message}\r\n".encode()
 
+    def limit_reply(self, message: str) -> bytes:
+        return f"421 4.7.0 {REPLY_PREFIX}{message}\r\n".encode()
+
     # ------------------------------------------------------------------ LineSession hooks
 
     def _client_turn(self) -> bool:
@@ -294,6 +297,9 @@ class SmtpSession(LineSession):
     # ------------------------------------------------------------------ client commands
 
     def _command(self, line: bytes) -> list[Action]:
+        closing = self._count_command()
+        if closing:
+            return closing
         keyword, argument = _split_command(line)
         if keyword == b"AUTH":
             return self._cmd_auth(argument)
@@ -438,4 +444,4 @@ class SmtpSession(LineSession):
         self._upstream = None
         text = message or "the server rejected the login"
         reply = f"535 5.7.8  Authentication credentials invalid. {REPLY_PREFIX}{text}\r\n".encode()
-        return [info(f"login failed: {text}"), SendToClient(reply)]
+        return self._refuse_login(reply, text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -25,9 +26,13 @@ class Proxy:
     args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     stderr_path: Path | None = None
+    #: what this proxy wrote, in the session-wide registry (see ProxyRecord)
+    record: ProxyRecord | None = None
 
     def start(self, timeout: float = 15.0) -> None:
         self.stderr_path = self.log_path.with_suffix(".stderr")
+        if self.record is None:
+            self.record = ProxyRecord.register(self)
         stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "emailproxy", "--config-file", str(self.config_path),
@@ -64,6 +69,8 @@ class Proxy:
                 self.process.wait()
         code = self.process.returncode
         self.process = None
+        if self.record is not None:
+            self.record.snapshot()
         return code
 
     def output(self) -> str:
@@ -112,3 +119,106 @@ def launch(world_ca: Path, directory: Path, sections: dict[str, dict[str, str]],
     proxy = Proxy(config, directory / "proxy.log", ports, proxy_env(world_ca), args=list(args or []))
     proxy.start()
     return proxy
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Session-wide registry of everything the proxies of the test session wrote, for the whole-suite secret scan
+# (tests/integration/test_zz_secret_scan.py, which runs after every other integration test).
+
+
+def _cache_store_arg(args: list[str]) -> Path | None:
+    for index, arg in enumerate(args):
+        value = None
+        if arg == "--cache-store" and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith("--cache-store="):
+            value = arg.partition("=")[2]
+        if value is not None and not value.startswith("aws:"):
+            return Path(value)
+    return None
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+@dataclass
+class ProxyRecord:
+    """One Proxy object's artefacts: its log file(s), stdout/stderr capture, configuration file and cache
+    store (with what the test had written in them before the first start), and the files that appeared in
+    their directories while it ran (content and mode, taken at each stop)."""
+
+    test: str
+    log_path: Path
+    stderr_path: Path
+    config_path: Path
+    cache_store: Path | None
+    config_written: bytes
+    cache_written: bytes | None
+    existing: frozenset[Path]
+    snapshots: dict[Path, bytes] = field(default_factory=dict)
+    created: dict[Path, int] = field(default_factory=dict)
+
+    @classmethod
+    def register(cls, proxy: Proxy) -> ProxyRecord:
+        cache = _cache_store_arg(proxy.args)
+        record = cls(
+            test=os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0],
+            log_path=proxy.log_path,
+            stderr_path=proxy.log_path.with_suffix(".stderr"),
+            config_path=proxy.config_path,
+            cache_store=cache,
+            config_written=_read(proxy.config_path) or b"",
+            cache_written=None if cache is None else _read(cache),
+            existing=frozenset(path for directory in _directories(proxy.config_path, cache)
+                               for path in _listing(directory)),
+        )
+        PROXY_RECORDS.append(record)
+        return record
+
+    @property
+    def directories(self) -> list[Path]:
+        return _directories(self.config_path, self.cache_store)
+
+    def files(self) -> list[Path]:
+        """The files this proxy wrote, as they are now: logs (with rotated ones), capture, config, cache store
+        and every file that appeared in the config's (and cache store's) directory since the first start."""
+        found = [self.log_path, self.stderr_path, self.config_path]
+        found += sorted(self.log_path.parent.glob(self.log_path.name + ".*"))
+        if self.cache_store is not None:
+            found.append(self.cache_store)
+        for directory in self.directories:
+            found += [path for path in _listing(directory) if path not in self.existing]
+        return list(dict.fromkeys(path for path in found if path.is_file()))
+
+    def snapshot(self) -> None:
+        """Keep the current content (and, for new files, the mode) of every file, as the proxy left it."""
+        for path in self.files():
+            data = _read(path)
+            if data is not None:
+                self.snapshots[path] = data
+            if path not in self.existing:
+                try:
+                    self.created[path] = stat.S_IMODE(path.stat().st_mode)
+                except OSError:
+                    pass
+
+
+def _directories(config: Path, cache: Path | None) -> list[Path]:
+    return list(dict.fromkeys([config.parent] + ([cache.parent] if cache is not None else [])))
+
+
+def _listing(directory: Path) -> list[Path]:
+    try:
+        return [path for path in directory.iterdir() if path.is_file()]
+    except OSError:
+        return []
+
+
+#: every proxy started in this test session, in start order
+PROXY_RECORDS: list[ProxyRecord] = []
+#: (kind, value, user) of credentials the tests' mail clients sent (recorded by the secret scan's hooks)
+CLIENT_SECRETS: list[tuple[str, str, str | None]] = []

@@ -6,6 +6,7 @@ HTTPS (test CA) on 127.0.0.1, served by daemon threads of the test process:
 - `GET  /{tenant}/oauth2/v2.0/authorize`: "signs in" `authorize_user` (else the `login_hint`) and redirects
   (302) to `redirect_uri` with `code` and `state`; the PKCE challenge and the nonce stay with the code.
 - `POST /{tenant}/oauth2/v2.0/devicecode`: starts a device flow (see `approve_device`, `device_auto_approve`).
+- `GET  /common/userrealm/{user}`: user realm discovery (msal's step before ROPC): always a managed account.
 - `POST /{tenant}/oauth2/v2.0/token`: client_credentials, password, refresh_token, authorization_code and
   device_code grants, with Microsoft-shaped JSON errors (`error`, `error_description` "AADSTS...");
   client assertions are checked (signature, iss/sub, aud = this URL, x5t#S256). Also the RFC 7523 JWT bearer
@@ -418,6 +419,7 @@ class IdentityProvider:
         self._check: _CheckServer | None = None
         self._threads: list[threading.Thread] = []
         self._down_mode: str | None = None
+        self._session_secrets: dict[tuple[str, str], str | None] = {}  # survives reset(): see session_secrets
         self._reset_state()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -520,6 +522,7 @@ class IdentityProvider:
     def reset(self) -> None:
         """Forget everything (clients, users, tokens, logs, failures, delays) and come back up."""
         self.set_down(False)
+        self._harvest_secrets()
         self._reset_state()
 
     def register_client(
@@ -676,6 +679,48 @@ class IdentityProvider:
     def is_valid(self, user: str, token: str) -> bool:
         return self._validate(user, token) == "valid"
 
+    # -- every secret of the session (for the whole-suite secret scan) ---------------------------------------
+
+    #: form fields of token requests that carry a secret, and what to call them
+    SECRET_FORM_FIELDS = {
+        "client_secret": "client secret",
+        "password": "user password",
+        "refresh_token": "refresh token",
+        "code": "authorization code",
+        "code_verifier": "PKCE verifier",
+        "client_assertion": "client assertion",
+        "assertion": "service-account assertion",
+        "device_code": "device code",
+    }
+
+    def _harvest_secrets(self) -> None:
+        """Copy every secret of the current state into the session list (reset() clears the state)."""
+        with self._lock:
+            found: list[tuple[str, str, str | None]] = []
+            found += [("client secret", c.secret, None) for c in self._clients.values() if c.secret]
+            found += [("user password", password, user) for user, password in self._users.items()]
+            for issued in [*self._tokens.values(), *self._issued]:
+                found.append(("access token", issued.access_token, issued.user))
+                if issued.refresh_token:
+                    found.append(("refresh token", issued.refresh_token, issued.user))
+            found += [("refresh token", value, refresh.user) for value, refresh in self._refresh.items()]
+            found += [("authorization code", code, entry.user) for code, entry in self._codes.items()]
+            found += [("device code", code, None) for code in self._devices]
+            for request in self._requests:
+                for name, kind in self.SECRET_FORM_FIELDS.items():
+                    if request.form.get(name):
+                        found.append((kind, request.form[name], request.form.get("username")))
+            for kind, value, user in found:
+                self._session_secrets.setdefault((kind, value), user)
+
+    def session_secrets(self) -> list[tuple[str, str, str | None]]:
+        """(kind, value, user or None) of every secret this provider registered, issued or received since it
+        was created, across reset(): client secrets, user passwords (also wrong ones sent to the token
+        endpoint), access and refresh tokens, authorization and device codes, PKCE verifiers, assertions."""
+        self._harvest_secrets()
+        with self._lock:
+            return [(kind, value, user) for (kind, value), user in self._session_secrets.items()]
+
     # -- token check for the mail servers ------------------------------------------------------------------
 
     def _validate(self, user: str, token: str) -> str:
@@ -711,7 +756,7 @@ class IdentityProvider:
         query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
         form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         tenant, _, rest = split.path.strip("/").partition("/")
-        endpoint = _ENDPOINTS.get(rest, "unknown")
+        endpoint = _ENDPOINTS.get(rest, "userrealm" if rest.startswith("userrealm/") else "unknown")
         record = RecordedRequest(
             method,
             split.path,
@@ -743,6 +788,8 @@ class IdentityProvider:
                 return self._devicecode(form)
             if endpoint == "token" and method == "POST":
                 return self._token(tenant, form, headers)
+            if endpoint == "userrealm" and method == "GET":
+                return self._userrealm(urllib.parse.unquote(rest.partition("/")[2]))
         except OAuthError as error:
             return error.answer()
         return _json({"error": "not_found"}, 404)
@@ -816,6 +863,12 @@ class IdentityProvider:
             return _Answer(200, page.encode(), "text/html")
         location = redirect_uri + ("&" if "?" in redirect_uri else "?") + urllib.parse.urlencode(params)
         return _Answer(302, b"", "text/html", {"Location": location})
+
+    @staticmethod
+    def _userrealm(user: str) -> _Answer:
+        """`GET /common/userrealm/{user}` (msal asks before ROPC): every user is a managed (cloud) account."""
+        domain = user.rpartition("@")[2]
+        return _json({"ver": "1.0", "account_type": "Managed", "domain_name": domain, "login": user})
 
     def _devicecode(self, form: dict[str, str]) -> _Answer:
         client_id = form.get("client_id", "")
