@@ -336,6 +336,71 @@ def test_identity_provider_slower_than_the_timeout(
     assert_no_traceback(proxy)
 
 
+BAD_ANSWERS: dict[str, tuple[int, str | dict[str, str]]] = {
+    "invalid-json": (200, '{"access_token": "abc", '),
+    "non-json-400": (400, "<html><body>Bad Request</body></html>"),
+    "invalid-grant": (
+        400,
+        {"error": "invalid_grant", "error_description": "AADSTS70008: the grant has expired"},
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(BAD_ANSWERS))
+def test_identity_provider_bad_answer_to_a_refresh(
+    world: World, tmp_path: Path, proxies: list[Proxy], answer: str
+) -> None:
+    """The token endpoint answers a refresh with a truncated JSON body, an HTML 400, or invalid_grant.
+
+    The first two are not OAuth answers: the login fails with a retryable error and the cached tokens are
+    kept for the next try. invalid_grant says the refresh token is dead: it is discarded and the password
+    grant runs again in the same login, so the client does not even notice."""
+    client_id = f"bad-answer-{answer}"
+    world.idp.register_client(client_id, CLIENT_SECRET)
+    previous_lifetime = world.idp.expires_in
+    world.idp.expires_in = 300  # below the proxy's 600 s margin: the next login refreshes
+    try:
+        ports = allocate_ports("IMAP")
+        sections = mail_sections(world, ports)
+        user = world.new_user("bad-answer")
+        world.idp.register_user(user, PASSWORD)
+        sections[user] = account_section(world, "password", client_id)
+        proxy = launch(world.ca_path, tmp_path, sections, ports)
+        proxies.append(proxy)
+        imap_session(ports["IMAP"], user)  # the password grant; tokens cached
+        cached_lines = section_lines(proxy.config_path, user)
+        assert any(line.startswith("refresh_token") for line in cached_lines), cached_lines
+        before = len(world.idp.token_requests())
+
+        status, body = BAD_ANSWERS[answer]
+        world.idp.fail_with(status, body, count=1, path="/token")
+        if answer == "invalid-grant":
+            imap_session(ports["IMAP"], user)  # the dead refresh token is replaced at once
+            grants = [r.grant_type for r in world.idp.token_requests()[before:]]
+            assert grants == ["refresh_token", "password"], grants
+            assert "invalid_grant" in proxy.log()
+            wait_until(lambda: section_lines(proxy.config_path, user) != cached_lines, "the new tokens saved")
+        else:
+            reply = refusal("IMAP", ports["IMAP"], user)
+            assert reply.startswith(FAILURE_PREFIX["IMAP"]), reply
+            assert f"Login failed for account {user}".encode() in reply, reply
+            assert [r.grant_type for r in world.idp.token_requests()[before:]] == ["refresh_token"]
+            assert section_lines(proxy.config_path, user) == cached_lines  # nothing discarded
+            imap_session(ports["IMAP"], user)  # the IdP is well again: the kept refresh token works
+            refresh = world.idp.token_requests()[before + 1 :]
+            assert [r.grant_type for r in refresh] == ["refresh_token"], refresh
+        assert_no_traceback(proxy)
+    finally:
+        world.idp.expires_in = previous_lifetime
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------ 2. certificates
 
 
