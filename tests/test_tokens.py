@@ -707,6 +707,28 @@ def test_config_edits_replace_the_in_memory_state():
     assert len(w.endpoint.requests) == 1
 
 
+def test_a_reload_showing_an_earlier_save_of_ours_is_not_a_user_edit():
+    """Saves race with reloads: a reload may read our first save after the second one was made (seen with a
+    password change: the stale tokens' deletion, then the new tokens). That is not the user's edit."""
+    w = world(
+        ccg_account(),
+        responses=(
+            {"access_token": "at-1", "expires_in": 3600},
+            {"access_token": "at-2", "expires_in": 3600},
+        ),
+    )
+    assert ok_token(w.login("ccg@example.com")) == "at-1"
+    first = {k: v for k, v in w.store.saves[0][1].items() if v is not None}
+    w.clock.now += 3600  # expired: the next login fetches at-2 and saves it
+    assert ok_token(w.login("ccg@example.com")) == "at-2"
+    assert len(w.store.saves) == 2
+    w.manager.update_config(  # the reload read the file as the first save left it
+        cast(Config, FakeConfig(w.config.options, {"ccg@example.com": ccg_account(**first)}))
+    )
+    assert ok_token(w.login("ccg@example.com")) == "at-2"
+    assert len(w.endpoint.requests) == 2
+
+
 def test_invalid_salt_is_replaced():
     values = cached()
     values["token_salt"] = "not base64!"

@@ -120,6 +120,9 @@ def unsupported_flow_message(username: str, flow: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- state
 
+#: how many of its own saved versions per account the manager recognises in a reloaded file
+WRITTEN_KEPT = 8
+
 
 @dataclasses.dataclass(slots=True)
 class _Stored:
@@ -160,6 +163,9 @@ class _AccountState:
     origin: _Stored
     #: the plaintext client_secret this manager moved into client_secret_encrypted (encrypt on first use)
     moved_secret: str | None = None
+    #: the last few versions this manager wrote: a reload that read one of them (an earlier save of ours,
+    #: seen after a later one) is not a user's edit
+    written: list[_Stored] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -269,7 +275,7 @@ class TokenManager:
         key = account.section.lower()
         from_config = _Stored.from_cached(account.cached)
         state = self._states.get(key)
-        if state is not None and from_config not in (state.origin, state.stored):
+        if state is not None and from_config not in (state.origin, state.stored, *state.written):
             logger.info("Cached tokens for account %s were changed in the config file; using them", key)
             state = None
         if state is None:
@@ -625,6 +631,9 @@ class TokenManager:
         """Write ``changes`` with whatever earlier failed saves of the section kept; after a success, retry
         the failed saves of accounts that are not busy (a busy one retries with its own next save)."""
         section = login.account.section
+        written = login.state.written
+        written.append(dataclasses.replace(login.state.stored))
+        del written[:-WRITTEN_KEPT]
         if not await self._write(login.username, section, {**self._unsaved.pop(section, {}), **changes}):
             return
         for other in list(self._unsaved):
