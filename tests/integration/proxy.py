@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,5 +221,18 @@ def _listing(directory: Path) -> list[Path]:
 
 #: every proxy started in this test session, in start order
 PROXY_RECORDS: list[ProxyRecord] = []
+#: (test, command, stdout and stderr) of every `emailproxy <command>` run a test recorded with record_command
+COMMAND_OUTPUTS: list[tuple[str, str, str]] = []
+
+
+def record_command(args: Sequence[str], stdout: str | None, stderr: str | None) -> None:
+    """Keep what an `emailproxy` subcommand printed, for the whole-suite secret scan. ``args`` are the
+    command's arguments (a full command line is cut after its `emailproxy`)."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    args = list(args)
+    if "emailproxy" in args:
+        args = args[args.index("emailproxy") + 1 :]
+    command = next((arg for arg in args if not arg.startswith("-")), "emailproxy")
+    COMMAND_OUTPUTS.append((test, command, (stdout or "") + (stderr or "")))
 #: (kind, value, user) of credentials the tests' mail clients sent (recorded by the secret scan's hooks)
 CLIENT_SECRETS: list[tuple[str, str, str | None]] = []

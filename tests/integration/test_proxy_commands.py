@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, proxy_env
+from tests.integration.proxy import Proxy, allocate_ports, proxy_env, record_command
 from tests.integration.world.ports import LOOPBACK
 
 CLIENT_ID = "ops-ccg-client"
@@ -30,7 +30,7 @@ DELIVERY_TIMEOUT = 30.0
 def emailproxy(
     world: World, *args: str, stdin: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "emailproxy", *args],
         input=stdin,
         capture_output=True,
@@ -39,6 +39,8 @@ def emailproxy(
         timeout=timeout,
         check=False,
     )
+    record_command(args, done.stdout, done.stderr)  # scanned for secrets at the end of the session
+    return done
 
 
 def register_flags(world: World, config: Path, ports: dict[str, int]) -> list[str]:

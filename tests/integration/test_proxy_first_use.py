@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch, proxy_env, render_config
+from tests.integration.proxy import Proxy, allocate_ports, launch, proxy_env, record_command, render_config
 
 CLIENT_ID = "first-use-client"
 CLIENT_SECRET = "first-use-client-secret-value"
@@ -45,6 +45,7 @@ def set_password(world: World, config: Path, account: str, password: str) -> sub
         timeout=60,
         check=False,
     )
+    record_command(done.args, done.stdout, done.stderr)  # scanned for secrets at the end of the session
     assert done.returncode == 0, done.stdout + done.stderr
     assert password not in done.stdout + done.stderr
     return done

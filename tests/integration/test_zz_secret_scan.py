@@ -42,7 +42,14 @@ import pytest
 
 from emailproxy.config import CACHE_KEYS
 from tests.integration.conftest import World
-from tests.integration.proxy import CLIENT_SECRETS, PROXY_RECORDS, ProxyRecord, allocate_ports, launch
+from tests.integration.proxy import (
+    CLIENT_SECRETS,
+    COMMAND_OUTPUTS,
+    PROXY_RECORDS,
+    ProxyRecord,
+    allocate_ports,
+    launch,
+)
 
 PACKAGE = Path(__file__).resolve().parents[2] / "emailproxy"
 MIN_LENGTH = 8  # shorter values would match ordinary text
@@ -413,9 +420,12 @@ def test_no_secret_in_anything_any_proxy_wrote(
     scan = Scan(secrets)
     for record in PROXY_RECORDS:
         scan.record(record)
+    for test, command, output in COMMAND_OUTPUTS:  # what `emailproxy <command>` runs printed
+        scan.log(Path(f"<output of emailproxy {command}>"), test, output)
     with capsys.disabled():
         print(
-            f"\nsecret scan: {len(PROXY_RECORDS)} proxy runs, {scan.artefacts} artefacts ({scan.bytes:,} "
+            f"\nsecret scan: {len(PROXY_RECORDS)} proxy runs and {len(COMMAND_OUTPUTS)} command outputs, "
+            f"{scan.artefacts} artefacts ({scan.bytes:,} "
             f"characters), {scan.created_checked} created files checked for mode 0600 "
             f"({scan.unattributed} other new files left to their tests); {len(secrets)} "
             f"secrets "
