@@ -89,7 +89,8 @@ def sha256_thumbprint(certificate: x509.Certificate) -> str:
     return base64.urlsafe_b64encode(certificate.fingerprint(hashes.SHA256())).decode("ascii")
 
 
-def _read(path: str, key: str) -> bytes:
+def read_key_file(path: str, key: str) -> bytes:
+    """The bytes of a key or certificate file named by the setting ``key``; CredentialError otherwise."""
     try:
         return Path(path).read_bytes()
     except IsADirectoryError:
@@ -112,10 +113,10 @@ def client_assertion(account: AccountConfig, audience: str, now: float | None = 
     if not cert_path or not key_path:
         raise CredentialError("certificate credentials need both jwt_certificate_path and jwt_key_path")
     try:
-        certificate = x509.load_pem_x509_certificate(_read(cert_path, "jwt_certificate_path"))
+        certificate = x509.load_pem_x509_certificate(read_key_file(cert_path, "jwt_certificate_path"))
     except ValueError:
         raise CredentialError(f"jwt_certificate_path '{cert_path}' is not a PEM certificate") from None
-    key = load_rsa_key(_read(key_path, "jwt_key_path"), f"jwt_key_path '{key_path}'")
+    key = load_rsa_key(read_key_file(key_path, "jwt_key_path"), f"jwt_key_path '{key_path}'")
     issued = int(time.time() if now is None else now)
     client_id = account.client_id or ""
     claims = {
@@ -208,7 +209,7 @@ def load_service_account_key(client_id: str | None, client_secret: str | None) -
         if path.startswith("{") or "\n" in path:  # never echo a pasted key as if it were a path
             raise CredentialError("client_id = file, but client_secret holds a JSON key: use client_id = key")
         what = f"the service account key file '{path}'"
-        data = _read(path, "the service account key file (client_secret)")
+        data = read_key_file(path, "the service account key file (client_secret)")
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError:

@@ -29,7 +29,6 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -43,7 +42,7 @@ from emailproxy.config import AccountConfig
 from emailproxy.oauth import device, flows
 from emailproxy.oauth.authcode import Callback, CodeRequest
 from emailproxy.oauth.client import authority_for, is_microsoft_host
-from emailproxy.oauth.credentials import CredentialError, load_rsa_key, uses_certificate
+from emailproxy.oauth.credentials import CredentialError, load_rsa_key, read_key_file, uses_certificate
 from emailproxy.oauth.device import DeviceAuthorization
 from emailproxy.oauth.endpoint import (
     DEFAULT_TIMEOUT,
@@ -211,25 +210,16 @@ class _App:
     public: bool
 
 
-def _read(path: str, key: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except IsADirectoryError:
-        raise CredentialError(f"{key} '{path}' is a directory, not a file") from None
-    except OSError as exc:
-        raise CredentialError(f"cannot read {key} '{path}': {exc.strerror or exc}") from None
-
-
 def certificate_credential(account: AccountConfig) -> dict[str, str]:
     """msal's ``client_credential`` for the account's certificate: the key (PKCS#8 PEM) and the certificate,
     from which msal takes the SHA-256 thumbprint (``x5t#S256``, as the reference sends) and ``x5c``."""
     cert_path, key_path = account.jwt_certificate_path or "", account.jwt_key_path or ""
-    cert_pem = _read(cert_path, "jwt_certificate_path")
+    cert_pem = read_key_file(cert_path, "jwt_certificate_path")
     try:
         x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         raise CredentialError(f"jwt_certificate_path '{cert_path}' is not a PEM certificate") from None
-    key = load_rsa_key(_read(key_path, "jwt_key_path"), f"jwt_key_path '{key_path}'")
+    key = load_rsa_key(read_key_file(key_path, "jwt_key_path"), f"jwt_key_path '{key_path}'")
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -249,8 +239,8 @@ def _credential(account: AccountConfig, client_secret: str | None) -> _Credentia
         digest = hashlib.sha256(b"secret\0" + client_secret.encode("utf-8")).hexdigest()
         return _Credential("secret", digest, client_secret)
     if uses_certificate(account):
-        cert = _read(account.jwt_certificate_path or "", "jwt_certificate_path")
-        key = _read(account.jwt_key_path or "", "jwt_key_path")
+        cert = read_key_file(account.jwt_certificate_path or "", "jwt_certificate_path")
+        key = read_key_file(account.jwt_key_path or "", "jwt_key_path")
         return _Credential("certificate", hashlib.sha256(b"certificate\0" + cert + b"\0" + key).hexdigest())
     return _Credential("public", "public")
 

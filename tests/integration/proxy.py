@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import imaplib
 import os
+import poplib
 import signal
+import smtplib
 import socket
 import stat
 import subprocess
@@ -12,6 +15,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from tests.integration.world.ports import free_ports
 
@@ -236,3 +241,46 @@ def record_command(args: Sequence[str], stdout: str | None, stderr: str | None) 
     COMMAND_OUTPUTS.append((test, command, (stdout or "") + (stderr or "")))
 #: (kind, value, user) of credentials the tests' mail clients sent (recorded by the secret scan's hooks)
 CLIENT_SECRETS: list[tuple[str, str, str | None]] = []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a mail client sees when the proxy refuses its login
+
+
+#: how each protocol's refusal starts (the reference's wording)
+FAILURE_PREFIX = {
+    "IMAP": b"LOGIN Email OAuth 2.0 Proxy: ",
+    "POP": b"-ERR Authentication failed. Email OAuth 2.0 Proxy: ",
+    "SMTP": b"535 5.7.8  Authentication credentials invalid. Email OAuth 2.0 Proxy: ",
+}
+
+
+def refused_login(protocol: str, port: int, user: str, password: str, timeout: float = 20.0) -> bytes:
+    """Log in once with imaplib, poplib or smtplib and return the proxy's refusal (it must refuse).
+    SMTP: one AUTH PLAIN, no fallback to LOGIN."""
+    if protocol == "IMAP":
+        with imaplib.IMAP4("127.0.0.1", port, timeout=timeout) as imap:
+            with pytest.raises(imaplib.IMAP4.error) as imap_error:
+                imap.login(user, password)
+            text = imap_error.value.args[0]
+            return text if isinstance(text, bytes) else str(text).encode()
+    if protocol == "POP":
+        pop = poplib.POP3("127.0.0.1", port, timeout=timeout)
+        try:
+            pop.user(user)
+            with pytest.raises(poplib.error_proto) as pop_error:
+                pop.pass_(password)
+        finally:
+            pop.close()
+        reply = pop_error.value.args[0]
+        assert isinstance(reply, bytes)
+        return reply
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as smtp:
+        smtp.ehlo("client.example.com")
+        smtp.user, smtp.password = user, password
+        with pytest.raises(smtplib.SMTPAuthenticationError) as smtp_error:
+            smtp.auth("PLAIN", smtp.auth_plain)
+        answer: bytes | str = smtp_error.value.smtp_error  # bytes at run time, whatever the stubs say
+        return f"{smtp_error.value.smtp_code} ".encode() + (
+            answer if isinstance(answer, bytes) else answer.encode()
+        )

@@ -44,7 +44,14 @@ from emailproxy.oauth.endpoint import TokenEndpoint
 from emailproxy.oauth.tokens import TokenManager
 from emailproxy.server import ProxyServer
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch, render_config
+from tests.integration.proxy import (
+    FAILURE_PREFIX,
+    Proxy,
+    allocate_ports,
+    launch,
+    refused_login,
+    render_config,
+)
 
 CLIENT_ID = "faults-client"
 CLIENT_SECRET = "faults-client-secret-P3v9"
@@ -52,11 +59,6 @@ PASSWORD = "local-password-f4ults"
 PREFIX = b"Email OAuth 2.0 Proxy: "
 READ_TIMEOUT = 20.0  # only turns a hang into a failure
 
-FAILURE_PREFIX = {
-    "IMAP": b"LOGIN " + PREFIX,
-    "POP": b"-ERR Authentication failed. " + PREFIX,
-    "SMTP": b"535 5.7.8  Authentication credentials invalid. " + PREFIX,
-}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -194,36 +196,6 @@ SESSIONS: dict[str, Callable[[int, str], None]] = {
 }
 
 
-def refusal(protocol: str, port: int, user: str) -> bytes:
-    """Log in once and return the proxy's refusal (SMTP: one AUTH PLAIN, no fallback to LOGIN)."""
-    if protocol == "IMAP":
-        with imaplib.IMAP4("127.0.0.1", port, timeout=READ_TIMEOUT) as imap:
-            with pytest.raises(imaplib.IMAP4.error) as imap_error:
-                imap.login(user, PASSWORD)
-            text = imap_error.value.args[0]
-            return text if isinstance(text, bytes) else str(text).encode()
-    if protocol == "POP":
-        pop = poplib.POP3("127.0.0.1", port, timeout=READ_TIMEOUT)
-        try:
-            pop.user(user)
-            with pytest.raises(poplib.error_proto) as pop_error:
-                pop.pass_(PASSWORD)
-        finally:
-            pop.close()
-        reply = pop_error.value.args[0]
-        assert isinstance(reply, bytes)
-        return reply
-    with smtplib.SMTP("127.0.0.1", port, timeout=READ_TIMEOUT) as smtp:
-        smtp.ehlo("client.example.com")
-        smtp.user, smtp.password = user, PASSWORD
-        with pytest.raises(smtplib.SMTPAuthenticationError) as smtp_error:
-            smtp.auth("PLAIN", smtp.auth_plain)
-        answer: bytes | str = smtp_error.value.smtp_error
-        return f"{smtp_error.value.smtp_code} ".encode() + (
-            answer if isinstance(answer, bytes) else answer.encode()
-        )
-
-
 # ------------------------------------------------------------------------------------------ 1. slow IdP
 
 
@@ -310,7 +282,7 @@ def test_identity_provider_slower_than_the_timeout(
 
     def timed_refusal(protocol: str) -> tuple[bytes, float]:
         started = time.monotonic()
-        reply = refusal(protocol, proxy.ports[protocol], users[protocol])
+        reply = refused_login(protocol, proxy.ports[protocol], users[protocol], PASSWORD, READ_TIMEOUT)
         return reply, time.monotonic() - started
 
     with ThreadPoolExecutor(3) as pool:  # a refresh (IMAP) and two first logins, at the same time
@@ -381,7 +353,7 @@ def test_identity_provider_bad_answer_to_a_refresh(
             assert "invalid_grant" in proxy.log()
             wait_until(lambda: section_lines(proxy.config_path, user) != cached_lines, "the new tokens saved")
         else:
-            reply = refusal("IMAP", ports["IMAP"], user)
+            reply = refused_login("IMAP", ports["IMAP"], user, PASSWORD, READ_TIMEOUT)
             assert reply.startswith(FAILURE_PREFIX["IMAP"]), reply
             assert f"Login failed for account {user}".encode() in reply, reply
             assert [r.grant_type for r in world.idp.token_requests()[before:]] == ["refresh_token"]

@@ -25,7 +25,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch, proxy_env, render_config
+from tests.integration.proxy import (
+    FAILURE_PREFIX,
+    Proxy,
+    allocate_ports,
+    launch,
+    proxy_env,
+    refused_login,
+    render_config,
+)
 from tests.integration.world.ports import LOOPBACK, free_port
 
 CLIENT_ID = "robust-client"
@@ -259,43 +267,6 @@ def test_unfinished_imap_login_literal(world: World, tmp_path: Path, proxies: li
 # ------------------------------------------------------------------------------------------ faults
 
 
-def failure_reply(protocol: str, port: int, user: str) -> bytes:
-    """Log in once and return the proxy's refusal (for SMTP one AUTH PLAIN, no mechanism fallback)."""
-    if protocol == "IMAP":
-        with imaplib.IMAP4("127.0.0.1", port, timeout=READ_TIMEOUT) as imap:
-            with pytest.raises(imaplib.IMAP4.error) as imap_error:
-                imap.login(user, PASSWORD)
-            text = imap_error.value.args[0]
-            return text if isinstance(text, bytes) else str(text).encode()
-    if protocol == "POP":
-        pop = poplib.POP3("127.0.0.1", port, timeout=READ_TIMEOUT)
-        try:
-            pop.user(user)
-            with pytest.raises(poplib.error_proto) as pop_error:
-                pop.pass_(PASSWORD)
-        finally:
-            pop.close()
-        reply = pop_error.value.args[0]
-        assert isinstance(reply, bytes)
-        return reply
-    with smtplib.SMTP("127.0.0.1", port, timeout=READ_TIMEOUT) as smtp:
-        smtp.ehlo("client.example.com")
-        smtp.user, smtp.password = user, PASSWORD
-        with pytest.raises(smtplib.SMTPAuthenticationError) as smtp_error:
-            smtp.auth("PLAIN", smtp.auth_plain)
-        answer: bytes | str = smtp_error.value.smtp_error  # bytes at run time, whatever the stubs say
-        return f"{smtp_error.value.smtp_code} ".encode() + (
-            answer if isinstance(answer, bytes) else answer.encode()
-        )
-
-
-FAILURE_PREFIX = {
-    "IMAP": b"LOGIN " + PREFIX.encode(),
-    "POP": b"-ERR Authentication failed. " + PREFIX.encode(),
-    "SMTP": b"535 5.7.8  Authentication credentials invalid. " + PREFIX.encode(),
-}
-
-
 def section_text(path: Path, section: str) -> list[str]:
     lines: list[str] = []
     current = ""
@@ -323,7 +294,7 @@ def test_identity_provider_failure(world: World, tmp_path: Path, proxies: list[P
         world.idp.fail_with(500, count=1_000_000)
     users = {protocol: world.new_user(protocol.lower()) for protocol in PROTOCOLS}
     for protocol, user in users.items():
-        reply = failure_reply(protocol, proxy.ports[protocol], user)
+        reply = refused_login(protocol, proxy.ports[protocol], user, PASSWORD, READ_TIMEOUT)
         assert reply.startswith(FAILURE_PREFIX[protocol]), reply
         assert f"Login failed for account {user}".encode() in reply, reply
         assert not any(check.user == user for check in world.idp.check_log)
