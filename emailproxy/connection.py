@@ -37,6 +37,7 @@ from emailproxy.protocols.events import (
 )
 from emailproxy.secret import Secret
 from emailproxy.tls import share_read_buffer
+from emailproxy.upstream import open_upstream, start_tls
 
 REDACTED = "[[ credentials hidden ]]"
 #: write buffer size at which reading from the other side pauses (per direction, after login)
@@ -170,17 +171,10 @@ class ProxyConnection:
     async def _connect_upstream(self) -> None:
         s = self.settings
         tls = None if s.server_starttls else self.upstream_tls
-        loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: self.server,
-                    s.server_address,
-                    s.server_port,
-                    ssl=tls,
-                    server_hostname=s.server_address if tls else None,
-                    ssl_handshake_timeout=self.timeouts.connect if tls else None,
-                ),
+                open_upstream(self.server, s.server_address, s.server_port, tls=tls,
+                              server_hostname=s.server_address),
                 self.timeouts.connect,
             )
         except (OSError, TimeoutError, ssl.SSLError) as e:
@@ -323,15 +317,14 @@ class ProxyConnection:
         if ctx is None or transport is None:
             self._fail("TLS is not configured for this listener")
             return
-        loop = asyncio.get_running_loop()
         try:
-            new_transport = await loop.start_tls(
+            new_transport = await start_tls(
                 transport,
                 end,
                 ctx,
                 server_side=side is Side.CLIENT,
                 server_hostname=self.settings.server_address if side is Side.SERVER else None,
-                ssl_handshake_timeout=self.timeouts.handshake,
+                handshake_timeout=self.timeouts.handshake,
             )
         except (OSError, TimeoutError, ssl.SSLError, ConnectionError) as e:
             reason = _describe_error(e)

@@ -40,7 +40,8 @@ def local_context(certificate_path: str, key_path: str) -> ssl.SSLContext:
     return ctx
 
 
-def _thread_buffer(size: int) -> tuple[bytearray, memoryview]:
+def thread_buffer(size: int) -> tuple[bytearray, memoryview]:
+    """This thread's scratch buffer (at least `size` bytes) for reads copied out within one callback."""
     pair: tuple[bytearray, memoryview] | None = getattr(_scratch, "pair", None)
     if pair is None or len(pair[0]) < size:
         buffer = bytearray(size)
@@ -65,7 +66,7 @@ def share_read_buffer(transport: asyncio.BaseTransport) -> bool:
     own_view = getattr(protocol, "_ssl_buffer_view", None)
     if not isinstance(own, bytearray) or not isinstance(own_view, memoryview):
         return False
-    buffer, view = _thread_buffer(max(len(own), protocol.max_size))
+    buffer, view = thread_buffer(max(len(own), protocol.max_size))
     protocol._ssl_buffer = buffer  # type: ignore[attr-defined]  # private, pinned by tests/test_tls_buffer.py
     protocol._ssl_buffer_view = view  # type: ignore[attr-defined]
     return True
