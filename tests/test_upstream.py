@@ -113,8 +113,11 @@ def test_large_download_arrives_whole_then_eof_closes(certs: CertificateFiles, u
         async with serve(handler, certs.server_context() if use_tls else None) as port:
             proto = Recorder()
             transport = await open_upstream(
-                proto, "127.0.0.1", port,
-                tls=certs.client_context() if use_tls else None, server_hostname="127.0.0.1",
+                proto,
+                "127.0.0.1",
+                port,
+                tls=certs.client_context() if use_tls else None,
+                server_hostname="127.0.0.1",
             )
             assert isinstance(transport, UpstreamTransport)
             assert await asyncio.wait_for(proto.lost, 10) is None
@@ -139,8 +142,11 @@ def test_paused_reading_delivers_nothing_until_resumed(certs: CertificateFiles, 
         async with serve(handler, certs.server_context() if use_tls else None) as port:
             proto = Recorder(paused=True)
             transport = await open_upstream(
-                proto, "127.0.0.1", port,
-                tls=certs.client_context() if use_tls else None, server_hostname="127.0.0.1",
+                proto,
+                "127.0.0.1",
+                port,
+                tls=certs.client_context() if use_tls else None,
+                server_hostname="127.0.0.1",
             )
             if use_tls:
                 assert ("IP Address", "127.0.0.1") in transport.get_extra_info("peercert")["subjectAltName"]
@@ -183,8 +189,11 @@ def test_writes_buffer_signal_flow_control_and_flush_before_close(
         async with serve(handler, certs.server_context() if use_tls else None) as port:
             proto = Recorder()
             transport = await open_upstream(
-                proto, "127.0.0.1", port,
-                tls=certs.client_context() if use_tls else None, server_hostname="127.0.0.1",
+                proto,
+                "127.0.0.1",
+                port,
+                tls=certs.client_context() if use_tls else None,
+                server_hostname="127.0.0.1",
             )
             transport.set_write_buffer_limits(high=256 * 1024)
             for chunk in chunks:
@@ -229,8 +238,12 @@ def test_starttls_upgrades_in_place(certs: CertificateFiles) -> None:
             transport.write(b"STARTTLS\r\n")
             await proto.wait_for_bytes(len(b"* OK hello\r\nOK go ahead\r\n"))
             upgraded = await start_tls(
-                transport, proto, certs.client_context(),
-                server_side=False, server_hostname="127.0.0.1", handshake_timeout=10,
+                transport,
+                proto,
+                certs.client_context(),
+                server_side=False,
+                server_hostname="127.0.0.1",
+                handshake_timeout=10,
             )
             assert upgraded is transport
             assert isinstance(transport.get_extra_info("ssl_object"), ssl.SSLSocket)
@@ -257,13 +270,17 @@ def test_untrusted_certificate_fails_the_handshake(certs: CertificateFiles, tmp_
         async with serve(handler, certs.server_context()) as port:
             with pytest.raises(ssl.SSLCertVerificationError):
                 await open_upstream(
-                    Recorder(), "127.0.0.1", port, tls=other.client_context(), server_hostname="127.0.0.1"
+                    Recorder(),
+                    "127.0.0.1",
+                    port,
+                    tls=other.client_context(),
+                    server_hostname="127.0.0.1",
                 )
 
     run(main)
 
 
-def test_stalled_handshake_can_be_timed_out(certs: CertificateFiles) -> None:
+def test_stalled_handshake_times_out(certs: CertificateFiles) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # a plain-text server that never answers the ClientHello
         await finish(writer)
@@ -273,10 +290,47 @@ def test_stalled_handshake_can_be_timed_out(certs: CertificateFiles) -> None:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(
                     open_upstream(
-                        Recorder(), "127.0.0.1", port, tls=certs.client_context(), server_hostname="127.0.0.1"
+                        Recorder(),
+                        "127.0.0.1",
+                        port,
+                        tls=certs.client_context(),
+                        server_hostname="127.0.0.1",
                     ),
                     0.3,
                 )
+
+    run(main)
+
+
+def test_abandoned_handshake_lets_go_of_the_socket_at_once(certs: CertificateFiles) -> None:
+    """Cancelling (the client went away, or the caller's timeout) closes the socket at once."""
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        except ConnectionError:
+            pass
+        closed.set()
+        await finish(writer)
+
+    async def main() -> None:
+        async with serve(handler) as port:
+            task = asyncio.create_task(
+                open_upstream(
+                    Recorder(),
+                    "127.0.0.1",
+                    port,
+                    tls=certs.client_context(),
+                    server_hostname="127.0.0.1",
+                )
+            )
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(closed.wait(), 5)
 
     run(main)
 
