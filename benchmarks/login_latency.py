@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.login_latency [--logins 200] [--runs 3] [--protocols SMTP IMAP] [--phases]
                                         [--baseline DIR] [--debug] [--profile FILE]
+                                        [--floor] [--storm CLIENTS [--seconds 2]]
 
 Starts the integration-test world and our proxy as `python3 -m benchmarks` does (the latency part only, no
 reference). The targets are interleaved within each run, so drift in the machine's load hits them alike.
@@ -10,6 +11,11 @@ comparisons in the same world and the same load. `--phases` times each step of e
 side). `--info FILE` writes ports, CA, user and token for other tools; `--hold-until FILE` keeps the world
 running after the measurements until FILE exists. Each block prints its wall-clock window (for packet
 captures).
+
+`--floor` adds target "floor" (IMAP only): `benchmarks/floor.py`, a bare asyncio relay with the proxy's own
+upstream transport and nothing else, to which the client speaks XOAUTH2 itself. `--storm CLIENTS` measures
+logins per second with that many concurrent clients instead of sequential latency, with the relay's CPU per
+login and how busy the whole machine was: together they show what any single-process relay costs here.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import base64
 import json
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +33,8 @@ from pathlib import Path
 
 from benchmarks.__main__ import CLIENT_ID, CLIENT_SECRET, TOKEN_LIFETIME, proxy_sections, proxy_target
 from benchmarks.idle import raise_fd_limit
-from benchmarks.measure import percentile
-from benchmarks.proxies import ProxyProcess, cpu_seconds, our_command
+from benchmarks.measure import percentile, storm
+from benchmarks.proxies import REPO, ProxyProcess, cpu_seconds, our_command
 from benchmarks.wire import LOGINS, Target, Wire
 from tests.integration.conftest import start_world
 from tests.integration.proxy import allocate_ports
@@ -99,6 +106,24 @@ def describe_phases(phases: list[list[tuple[str, float]]]) -> None:
         )
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the whole machine so far."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # idle + iowait
+
+
+def start_floor(world_imaps: tuple[str, int], ca: Path) -> tuple[subprocess.Popen[str], int]:
+    port = allocate_ports("IMAP")["IMAP"]
+    command = [sys.executable, "-m", "benchmarks.floor", "--listen", str(port),
+               "--upstream", f"{world_imaps[0]}:{world_imaps[1]}", "--cafile", str(ca)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        process.kill()
+        raise RuntimeError("the floor relay did not start")
+    return process, port
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
@@ -116,6 +141,9 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.0, help="seconds to wait before measuring")
     parser.add_argument("--info", type=Path, help="write ports, CA, user and token here as JSON")
     parser.add_argument("--hold-until", type=Path, help="after measuring, wait until this file exists")
+    parser.add_argument("--floor", action="store_true", help="also run the bare relay of benchmarks/floor.py")
+    parser.add_argument("--storm", type=int, metavar="CLIENTS", help="logins/s with this many clients")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of each --storm run")
     args = parser.parse_args()
     raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="emailproxy-lat-"))
@@ -130,6 +158,7 @@ def main() -> None:
     (tmp / "world").mkdir()
     world = start_world(tmp / "world", tuning)
     proxies: dict[str, ProxyProcess] = {}
+    floor: subprocess.Popen[str] | None = None
     try:
         world.idp.register_client(CLIENT_ID, CLIENT_SECRET)
         user = world.new_user("bench-login")
@@ -163,11 +192,19 @@ def main() -> None:
             proxies[key] = proxy
             proxy.start()
             targets.append(proxy_target(key, key, proxy))
+        if args.floor:
+            floor, floor_port = start_floor((d.host, d.imaps), world.ca_path)
+            nowhere = ("127.0.0.1", 0)
+            targets.append(
+                Target("floor", "floor relay", ("127.0.0.1", floor_port), nowhere, nowhere,
+                       tokens={user: direct_token}, pid=floor.pid, plain_xoauth2=True)
+            )
         if args.targets:
             targets = [t for t in targets if t.key in args.targets]
         for t in targets:
             for protocol in args.protocols:
-                LOGINS[protocol](t, user).close()
+                if t.key != "floor" or protocol == "IMAP":
+                    LOGINS[protocol](t, user).close()
         entries: list[tuple[str, str | None, float]] = [(direct_token, user, time.time() + TOKEN_LIFETIME)]
         entries += [(t.access_token, t.user, t.expires_at) for t in world.idp.issued]
         write_table(table_path, entries)
@@ -185,10 +222,15 @@ def main() -> None:
             }
             args.info.write_text(json.dumps(info))
         time.sleep(args.pause)
+        if args.storm:
+            storms(args, targets, user)
+            targets = []  # nothing more to measure
         summary: dict[tuple[str, str], dict[str, list[float]]] = {}
-        for run in range(args.runs):
+        for run in range(args.runs if targets else 0):
             for protocol in args.protocols:
                 for t in targets:
+                    if t.key == "floor" and protocol != "IMAP":
+                        continue
                     pid = t.pid
                     cpu0 = cpu_seconds(pid) if pid else 0.0
                     samples = []
@@ -221,10 +263,13 @@ def main() -> None:
                     )
                     if phases:
                         describe_phases(phases)
-        print("\nsummary (median over runs, [min-max]):")
+        if targets:
+            print("\nsummary (median over runs, [min-max]):")
         for protocol in args.protocols:
             direct = summary.get((protocol, "direct"))
             for t in targets:
+                if (protocol, t.key) not in summary:
+                    continue
                 s = summary[(protocol, t.key)]
                 line = f"  {protocol} {t.key:6}: p50 {spread(s['p50'])}, p99 {spread(s['p99'])}"
                 if direct is not None and t.key != "direct":
@@ -239,9 +284,52 @@ def main() -> None:
         while args.hold_until and not args.hold_until.exists():
             time.sleep(0.5)
     finally:
+        if floor is not None:
+            floor.terminate()
+            floor.wait(10)
         for proxy in proxies.values():
             proxy.stop()
         world.stop()
+
+
+def storms(args: argparse.Namespace, targets: list[Target], user: str) -> None:
+    """`--storm`: logins/s per target and protocol, with the relay's CPU per login and the machine's load."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
+    for run in range(args.runs):
+        for protocol in args.protocols:
+            for t in targets:
+                if t.key == "floor" and protocol != "IMAP":
+                    continue
+                cpu0 = cpu_seconds(t.pid) if t.pid else 0.0
+                all0, idle0 = machine_ticks()
+                start = time.perf_counter()
+                rate, failed = storm(t, protocol, user, args.storm, args.seconds)
+                logins = rate * (time.perf_counter() - start)
+                all1, idle1 = machine_ticks()
+                busy = 100 * (1 - (idle1 - idle0) / max(all1 - all0, 1))
+                cpu = (cpu_seconds(t.pid) - cpu0) / max(logins, 1) * 1e3 if t.pid else 0.0
+                rates.setdefault((protocol, t.key), []).append(rate)
+                cpus.setdefault((protocol, t.key), []).append(cpu)
+                print(
+                    f"run {run} {protocol} {t.key:6}: {rate:6.1f} logins/s ({failed} failed), "
+                    f"relay cpu/login {cpu:.2f} ms, machine busy {busy:.0f}%",
+                    flush=True,
+                )
+    print(f"\nsummary, {args.storm} clients (median over runs, [min-max]):")
+    for protocol in args.protocols:
+        direct = rates.get((protocol, "direct"))
+        for t in targets:
+            if (protocol, t.key) not in rates:
+                continue
+            r = rates[(protocol, t.key)]
+            line = f"  {protocol} {t.key:6}: {spread(r)} logins/s"
+            if direct and t.key != "direct":
+                ratios = [a / b for a, b in zip(r, direct, strict=True)]
+                line += f", vs direct {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]x"
+            if t.pid:
+                line += f", relay cpu/login ms {spread(cpus[(protocol, t.key)])}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -226,30 +226,7 @@ class Bench:
         self.results["storm"] = out
 
     def _storm_once(self, target: Target, protocol: str, user: str) -> tuple[float, int]:
-        """Logins per second with `storm_clients` threads logging in back to back for `storm_seconds`
-        (logins in flight at the deadline are finished and counted; the rate uses the total time)."""
-        s = self.sizes
-        login = LOGINS[protocol]
-        done = [0] * s.storm_clients
-        failed = [0] * s.storm_clients
-        start = time.perf_counter()
-        deadline = start + s.storm_seconds
-
-        def worker(index: int) -> None:
-            while time.perf_counter() < deadline:
-                try:
-                    login(target, user, 60.0).close()
-                    done[index] += 1
-                except (OSError, BenchError):
-                    failed[index] += 1
-                    time.sleep(0.05)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(s.storm_clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return sum(done) / (time.perf_counter() - start), sum(failed)
+        return storm(target, protocol, user, self.sizes.storm_clients, self.sizes.storm_seconds)
 
     # ------------------------------------------------------------------------------------------ idle
 
@@ -348,3 +325,29 @@ class Bench:
 
 def new_marker() -> bytes:
     return f"END-{uuid.uuid4().hex}\r\n".encode()
+
+
+def storm(target: Target, protocol: str, user: str, clients: int, seconds: float) -> tuple[float, int]:
+    """Logins per second with `clients` threads logging in back to back for `seconds`, and the failures
+    (logins in flight at the deadline are finished and counted; the rate uses the total time)."""
+    login = LOGINS[protocol]
+    done = [0] * clients
+    failed = [0] * clients
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def worker(index: int) -> None:
+        while time.perf_counter() < deadline:
+            try:
+                login(target, user, 60.0).close()
+                done[index] += 1
+            except (OSError, BenchError):
+                failed[index] += 1
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - start), sum(failed)

@@ -33,11 +33,13 @@ class Target:
     tls: ssl.SSLContext | None = None  # direct only
     tokens: dict[str, str] = field(default_factory=dict)  # direct only: user -> access token
     password: str = ""  # proxies only
-    pid: int | None = None  # proxies only
+    pid: int | None = None  # proxies (and the floor relay) only
+    plain_xoauth2: bool = False  # the floor relay: XOAUTH2 with a token, over plaintext loopback
 
     @property
     def direct(self) -> bool:
-        return self.tls is not None
+        """The client authenticates with XOAUTH2 itself (else with the proxy's local password)."""
+        return self.tls is not None or self.plain_xoauth2
 
     def xoauth2(self, user: str) -> str:
         blob = f"user={user}\x01auth=Bearer {self.tokens[user]}\x01\x01".encode()

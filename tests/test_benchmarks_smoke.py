@@ -85,3 +85,37 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
         assert results["server_token_checks_by_program"] == 0
     table = markdown_path.read_text()
     assert "| IMAP FETCH" in table and "idle IMAP sessions" in table and "slow reader" in table
+
+
+def test_login_storm_with_the_floor_relay_runs() -> None:
+    """`benchmarks.login_latency --floor --storm`: every target (direct, ours, the bare relay) logs in."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.login_latency",
+            "--floor",
+            "--storm",
+            "3",
+            "--seconds",
+            "0.3",
+            "--runs",
+            "1",
+            "--protocols",
+            "IMAP",
+            "SMTP",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = [line for line in done.stdout.splitlines() if line.startswith("run 0 ")]
+    measured = {" ".join(line.split(":")[0].split()[2:4]) for line in runs}
+    assert measured == {"IMAP direct", "IMAP ours", "IMAP floor", "SMTP direct", "SMTP ours"}, runs
+    assert all("(0 failed)" in line for line in runs), runs
+    assert "IMAP floor :" in done.stdout and "vs direct" in done.stdout
