@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import ssl
 import statistics
 import subprocess
@@ -104,6 +105,9 @@ def describe_phases(phases: list[list[tuple[str, float]]]) -> None:
             "      slow login steps ms: "
             + " ".join(f"{n}={(v - (m[i - 1][1] if i else 0.0)) * 1e3:.1f}" for i, (n, v) in enumerate(m))
         )
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -296,6 +300,7 @@ def storms(args: argparse.Namespace, targets: list[Target], user: str) -> None:
     """`--storm`: logins/s per target and protocol, with the relay's CPU per login and the machine's load."""
     rates: dict[tuple[str, str], list[float]] = {}
     cpus: dict[tuple[str, str], list[float]] = {}
+    machines: dict[tuple[str, str], list[float]] = {}
     for run in range(args.runs):
         for protocol in args.protocols:
             for t in targets:
@@ -308,12 +313,16 @@ def storms(args: argparse.Namespace, targets: list[Target], user: str) -> None:
                 logins = rate * (time.perf_counter() - start)
                 all1, idle1 = machine_ticks()
                 busy = 100 * (1 - (idle1 - idle0) / max(all1 - all0, 1))
+                # all CPU time spent on the machine (clients, servers, relay) per login
+                machine = ((all1 - all0) - (idle1 - idle0)) / TICKS / max(logins, 1) * 1e3
                 cpu = (cpu_seconds(t.pid) - cpu0) / max(logins, 1) * 1e3 if t.pid else 0.0
                 rates.setdefault((protocol, t.key), []).append(rate)
                 cpus.setdefault((protocol, t.key), []).append(cpu)
+                machines.setdefault((protocol, t.key), []).append(machine)
                 print(
                     f"run {run} {protocol} {t.key:6}: {rate:6.1f} logins/s ({failed} failed), "
-                    f"relay cpu/login {cpu:.2f} ms, machine busy {busy:.0f}%",
+                    f"relay cpu/login {cpu:.2f} ms, machine cpu/login {machine:.2f} ms, "
+                    f"machine busy {busy:.0f}%",
                     flush=True,
                 )
     print(f"\nsummary, {args.storm} clients (median over runs, [min-max]):")
@@ -329,6 +338,7 @@ def storms(args: argparse.Namespace, targets: list[Target], user: str) -> None:
                 line += f", vs direct {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]x"
             if t.pid:
                 line += f", relay cpu/login ms {spread(cpus[(protocol, t.key)])}"
+            line += f", machine cpu/login ms {spread(machines[(protocol, t.key)])}"
             print(line)
 
 

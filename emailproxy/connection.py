@@ -3,7 +3,8 @@
 Before login every byte goes through the session's state machine and its actions are executed here.
 After login (the ``Relay`` action) the two transports are joined directly: each chunk read on one side is
 written to the other, and reading pauses while the other side's write buffer is full (flow control), so
-a slow reader cannot make memory grow.
+a slow reader cannot make memory grow. The client end is an asyncio transport from the listener; the server
+end is emailproxy/upstream.py's transport (OpenSSL on the socket, STARTTLS in place).
 """
 
 from __future__ import annotations

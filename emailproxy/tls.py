@@ -2,8 +2,9 @@
 
 Contexts are created once and shared: each costs about 1 MiB with the system CA store loaded.
 
-Also `share_read_buffer`: stdlib asyncio gives every TLS connection its own 256 KiB receive buffer
-(``asyncio.sslproto.SSLProtocol._ssl_buffer``, zero-filled, so resident), which made an idle relayed session
+Also `share_read_buffer`, for the local listeners' TLS (upstream connections use emailproxy/upstream.py,
+where OpenSSL reads the socket itself): stdlib asyncio gives every TLS connection its own 256 KiB receive
+buffer (``asyncio.sslproto.SSLProtocol._ssl_buffer``, zero-filled, so resident), which made an idle session
 cost about 290 KiB. The buffer only lives between the socket read and the copy into the connection's
 ``ssl.MemoryBIO`` (both in the same callback), so on a selector event loop one buffer per thread can serve
 every connection, at full read size.

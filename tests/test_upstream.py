@@ -92,6 +92,10 @@ async def finish(writer: asyncio.StreamWriter) -> None:
         pass
 
 
+async def connect(protocol: asyncio.Protocol, port: int, tls: ssl.SSLContext | None) -> asyncio.Transport:
+    return await open_upstream(protocol, "127.0.0.1", port, tls=tls, server_hostname="127.0.0.1")
+
+
 def run(main: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(main())  # type: ignore[arg-type]
 
@@ -112,13 +116,7 @@ def test_large_download_arrives_whole_then_eof_closes(certs: CertificateFiles, u
     async def main() -> None:
         async with serve(handler, certs.server_context() if use_tls else None) as port:
             proto = Recorder()
-            transport = await open_upstream(
-                proto,
-                "127.0.0.1",
-                port,
-                tls=certs.client_context() if use_tls else None,
-                server_hostname="127.0.0.1",
-            )
+            transport = await connect(proto, port, certs.client_context() if use_tls else None)
             assert isinstance(transport, UpstreamTransport)
             assert await asyncio.wait_for(proto.lost, 10) is None
             assert bytes(proto.data) == body
@@ -141,13 +139,7 @@ def test_paused_reading_delivers_nothing_until_resumed(certs: CertificateFiles, 
     async def main() -> None:
         async with serve(handler, certs.server_context() if use_tls else None) as port:
             proto = Recorder(paused=True)
-            transport = await open_upstream(
-                proto,
-                "127.0.0.1",
-                port,
-                tls=certs.client_context() if use_tls else None,
-                server_hostname="127.0.0.1",
-            )
+            transport = await connect(proto, port, certs.client_context() if use_tls else None)
             if use_tls:
                 assert ("IP Address", "127.0.0.1") in transport.get_extra_info("peercert")["subjectAltName"]
                 assert transport.get_extra_info("cipher") is not None
@@ -188,13 +180,7 @@ def test_writes_buffer_signal_flow_control_and_flush_before_close(
     async def main() -> None:
         async with serve(handler, certs.server_context() if use_tls else None) as port:
             proto = Recorder()
-            transport = await open_upstream(
-                proto,
-                "127.0.0.1",
-                port,
-                tls=certs.client_context() if use_tls else None,
-                server_hostname="127.0.0.1",
-            )
+            transport = await connect(proto, port, certs.client_context() if use_tls else None)
             transport.set_write_buffer_limits(high=256 * 1024)
             for chunk in chunks:
                 transport.write(chunk)
@@ -232,7 +218,7 @@ def test_starttls_upgrades_in_place(certs: CertificateFiles) -> None:
     async def main() -> None:
         async with serve(handler) as port:
             proto = Recorder()
-            transport = await open_upstream(proto, "127.0.0.1", port, tls=None, server_hostname="127.0.0.1")
+            transport = await connect(proto, port, None)
             assert transport.get_extra_info("ssl_object") is None
             await proto.wait_for_bytes(len(b"* OK hello\r\n"))
             transport.write(b"STARTTLS\r\n")
@@ -269,13 +255,7 @@ def test_untrusted_certificate_fails_the_handshake(certs: CertificateFiles, tmp_
     async def main() -> None:
         async with serve(handler, certs.server_context()) as port:
             with pytest.raises(ssl.SSLCertVerificationError):
-                await open_upstream(
-                    Recorder(),
-                    "127.0.0.1",
-                    port,
-                    tls=other.client_context(),
-                    server_hostname="127.0.0.1",
-                )
+                await connect(Recorder(), port, other.client_context())
 
     run(main)
 
@@ -289,13 +269,7 @@ def test_stalled_handshake_times_out(certs: CertificateFiles) -> None:
         async with serve(handler) as port:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(
-                    open_upstream(
-                        Recorder(),
-                        "127.0.0.1",
-                        port,
-                        tls=certs.client_context(),
-                        server_hostname="127.0.0.1",
-                    ),
+                    connect(Recorder(), port, certs.client_context()),
                     0.3,
                 )
 
@@ -316,15 +290,7 @@ def test_abandoned_handshake_lets_go_of_the_socket_at_once(certs: CertificateFil
 
     async def main() -> None:
         async with serve(handler) as port:
-            task = asyncio.create_task(
-                open_upstream(
-                    Recorder(),
-                    "127.0.0.1",
-                    port,
-                    tls=certs.client_context(),
-                    server_hostname="127.0.0.1",
-                )
-            )
+            task = asyncio.create_task(connect(Recorder(), port, certs.client_context()))
             await asyncio.sleep(0.3)
             assert not task.done()
             task.cancel()
@@ -340,7 +306,7 @@ def test_refused_connection_says_so() -> None:
         async with serve(lambda r, w: finish(w)) as port:
             pass  # closed again: nobody listens on the port now
         with pytest.raises(ConnectionRefusedError, match="Connection refused"):
-            await open_upstream(Recorder(), "127.0.0.1", port, tls=None, server_hostname="127.0.0.1")
+            await connect(Recorder(), port, None)
 
     run(main)
 
@@ -374,7 +340,7 @@ def test_server_reset_reaches_the_protocol_as_an_error() -> None:
     async def main() -> None:
         async with serve(handler) as port:
             proto = Recorder()
-            transport = await open_upstream(proto, "127.0.0.1", port, tls=None, server_hostname="127.0.0.1")
+            transport = await connect(proto, port, None)
             transport.write(b"bye\r\n")
             exc = await asyncio.wait_for(proto.lost, 5)
             assert isinstance(exc, ConnectionResetError)
