@@ -141,6 +141,10 @@ def test_paused_reading_delivers_nothing_until_resumed(certs: CertificateFiles, 
             proto = Recorder(paused=True)
             transport = await connect(proto, port, certs.client_context() if use_tls else None)
             if use_tls:
+                # the fast path of emailproxy.upstream._decrypter: the C read of the SSLSocket's private
+                # OpenSSL connection object (if a Python release drops `_sslobj`, the public read is used)
+                tls_socket = transport.get_extra_info("ssl_object")
+                assert getattr(transport._decrypt, "__self__", None) is tls_socket._sslobj  # type: ignore[attr-defined]
                 assert ("IP Address", "127.0.0.1") in transport.get_extra_info("peercert")["subjectAltName"]
                 assert transport.get_extra_info("cipher") is not None
             await asyncio.sleep(0.3)
@@ -344,5 +348,25 @@ def test_server_reset_reaches_the_protocol_as_an_error() -> None:
             transport.write(b"bye\r\n")
             exc = await asyncio.wait_for(proto.lost, 5)
             assert isinstance(exc, ConnectionResetError)
+
+    run(main)
+
+
+def test_tls_end_without_close_notify_is_an_ordinary_eof(certs: CertificateFiles) -> None:
+    body = payload(100_000)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(body)
+        while writer.transport.get_write_buffer_size():
+            await asyncio.sleep(0.01)
+        writer.transport.abort()  # TCP FIN with no TLS close_notify before it
+
+    async def main() -> None:
+        async with serve(handler, certs.server_context()) as port:
+            proto = Recorder()
+            await connect(proto, port, certs.client_context())
+            assert await asyncio.wait_for(proto.lost, 10) is None
+            assert bytes(proto.data) == body
+            assert proto.events == ["eof", "lost"]
 
     run(main)
