@@ -353,8 +353,22 @@ class UpstreamTransport(asyncio.Transport):
                 self._sock.unwrap()  # sends close_notify; the peer's is not waited for
             except (OSError, ValueError):
                 pass
+        if polite:
+            self._discard_unread()
         self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+    def _discard_unread(self) -> None:
+        """Read and drop what waits in the socket (late replies, TLS records after close_notify): a socket
+        closed with unread bytes sends a reset, and a server may then drop the last bytes we sent it."""
+        _, view = thread_buffer(READ_SIZE)
+        for _ in range(16):
+            try:
+                if not self._sock.recv_into(view):
+                    return
+            except (OSError, ValueError):  # nothing more (BlockingIOError), or the connection is gone
+                return
 
 
 def _decrypter(sock: socket.socket) -> Callable[[int, memoryview], int]:

@@ -370,3 +370,42 @@ def test_tls_end_without_close_notify_is_an_ordinary_eof(certs: CertificateFiles
             assert proto.events == ["eof", "lost"]
 
     run(main)
+
+
+def test_close_reads_what_is_unread_so_the_server_gets_every_byte() -> None:
+    """A socket closed with unread bytes sends a reset instead of a FIN, and the server loses whatever it had
+    not read yet. Here the server greets, the client never reads the greeting (reading paused), writes 2 MB
+    the server reads only later, and closes."""
+    body = payload(2_000_000)
+    release = asyncio.Event()
+    got = bytearray()
+    outcome: list[str] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK greeting the client never reads\r\n")
+        await writer.drain()
+        await release.wait()
+        try:
+            while data := await reader.read(1 << 20):
+                got.extend(data)
+            outcome.append("eof")
+        except ConnectionResetError:
+            outcome.append("reset")
+        await finish(writer)
+
+    async def main() -> None:
+        async with serve(handler) as port:
+            proto = Recorder(paused=True)
+            transport = await connect(proto, port, None)
+            await asyncio.sleep(0.1)  # the greeting has arrived, unread
+            transport.write(body)
+            transport.close()
+            assert await asyncio.wait_for(proto.lost, 10) is None
+            release.set()
+            for _ in range(100):
+                if outcome:
+                    break
+                await asyncio.sleep(0.05)
+            assert outcome == ["eof"] and bytes(got) == body
+
+    run(main)
