@@ -101,6 +101,20 @@ def proxy_sections(world: World, ports: dict[str, int]) -> dict[str, dict[str, s
     }
 
 
+def direct_target(world: World, label: str, tokens: dict[str, str]) -> Target:
+    """A client that talks XOAUTH2 to Dovecot and Postfix itself, over TLS, with these users' tokens."""
+    d = world.dovecot.ports
+    return Target(
+        "direct",
+        label,
+        (d.host, d.imaps),
+        (d.host, d.pop3s),
+        ("127.0.0.1", world.postfix.ports.submission),
+        tls=ssl.create_default_context(cafile=str(world.ca_path)),
+        tokens=tokens,
+    )
+
+
 def proxy_target(key: str, label: str, proxy: ProxyProcess) -> Target:
     p = proxy.ports
     return Target(
@@ -189,19 +203,7 @@ def run(args: argparse.Namespace, tmp: Path, notes: list[str]) -> dict[str, Any]
             )
         smtp_message = make_message(measure.SINK, sizes.smtp_mib * mib, measure.new_marker())
 
-        ctx = ssl.create_default_context(cafile=str(world.ca_path))
-        d = world.dovecot.ports
-        targets = [
-            Target(
-                "direct",
-                "direct XOAUTH2",
-                (d.host, d.imaps),
-                (d.host, d.pop3s),
-                ("127.0.0.1", world.postfix.ports.submission),
-                tls=ctx,
-                tokens=direct_tokens,
-            )
-        ]
+        targets = [direct_target(world, "direct XOAUTH2", direct_tokens)]
         commands = {"ours": our_command()}
         if isinstance(reference, Reference):
             commands["reference"] = reference_command(reference)

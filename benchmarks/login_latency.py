@@ -24,7 +24,6 @@ import argparse
 import base64
 import json
 import os
-import ssl
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.__main__ import CLIENT_ID, CLIENT_SECRET, TOKEN_LIFETIME, proxy_sections, proxy_target
+from benchmarks.__main__ import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TOKEN_LIFETIME,
+    direct_target,
+    proxy_sections,
+    proxy_target,
+)
 from benchmarks.idle import raise_fd_limit
 from benchmarks.measure import percentile, storm
 from benchmarks.proxies import REPO, ProxyProcess, cpu_seconds, our_command
@@ -167,19 +173,8 @@ def main() -> None:
         world.idp.register_client(CLIENT_ID, CLIENT_SECRET)
         user = world.new_user("bench-login")
         direct_token = world.idp.issue_token(user, expires_in=TOKEN_LIFETIME)
-        ctx = ssl.create_default_context(cafile=str(world.ca_path))
         d = world.dovecot.ports
-        targets = [
-            Target(
-                "direct",
-                "direct",
-                (d.host, d.imaps),
-                (d.host, d.pop3s),
-                ("127.0.0.1", world.postfix.ports.submission),
-                tls=ctx,
-                tokens={user: direct_token},
-            )
-        ]
+        targets = [direct_target(world, "direct", {user: direct_token})]
         extra = ["--debug"] if args.debug else []
         commands = {"ours": our_command() + extra}
         if args.profile:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.proxy import Proxy
 from tests.integration.world import WorldError
 from tests.integration.world.ca import CertificateFiles, make_ca
 from tests.integration.world.dovecot import Dovecot, DovecotTuning
@@ -105,6 +106,15 @@ def _fresh_identity_provider(request: pytest.FixtureRequest) -> None:
     if "world" in request.fixturenames:
         current: World = request.getfixturevalue("world")
         current.idp.reset()
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[Proxy]]:
+    """Every proxy a test starts (append it); stopped at the end, each must exit 0."""
+    started: list[Proxy] = []
+    yield started
+    codes = [proxy.stop() for proxy in started]
+    assert codes == [0] * len(codes), "\n".join(proxy.output() for proxy in started)
 
 
 @pytest.fixture

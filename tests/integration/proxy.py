@@ -12,13 +12,19 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
-from tests.integration.world.ports import free_ports
+from tests.integration.world.ports import LOOPBACK, free_ports
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import World
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -284,3 +290,53 @@ def refused_login(protocol: str, port: int, user: str, password: str, timeout: f
         return f"{smtp_error.value.smtp_code} ".encode() + (
             answer if isinstance(answer, bytes) else answer.encode()
         )
+
+
+def mail_sections(world: World, ports: dict[str, int]) -> dict[str, dict[str, str]]:
+    """IMAP and POP over implicit TLS to Dovecot, SMTP with STARTTLS to Postfix's submission port, for the
+    protocols in `ports`."""
+    d = world.dovecot.ports
+    sections: dict[str, dict[str, str]] = {}
+    if "IMAP" in ports:
+        sections[f"IMAP-{ports['IMAP']}"] = {"server_address": d.host, "server_port": str(d.imaps)}
+    if "POP" in ports:
+        sections[f"POP-{ports['POP']}"] = {"server_address": d.host, "server_port": str(d.pop3s)}
+    if "SMTP" in ports:
+        sections[f"SMTP-{ports['SMTP']}"] = {
+            "server_address": LOOPBACK,
+            "server_port": str(world.postfix.ports.submission),
+            "server_starttls": "True",
+        }
+    return sections
+
+
+def section_lines(path: Path, section: str) -> list[str]:
+    """The non-blank lines of one section of a config file (header excluded), as written."""
+    lines: list[str] = []
+    current = ""
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            current = line.strip()[1:-1]
+        elif current == section and line.strip():
+            lines.append(line)
+    return lines
+
+
+def assert_no_traceback(proxy: Proxy) -> None:
+    assert "Traceback" not in proxy.output(), proxy.output()
+
+
+def wait_for(
+    condition: Callable[[], T | None], what: str, proxy: Proxy | None = None, timeout: float = 20.0
+) -> T:
+    """Call `condition` every 50 ms until it returns something truthy, and return that. After `timeout`
+    seconds the test fails, naming `what` (with the tail of `proxy`'s log when given)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = f"; proxy log tail:\n{proxy.log()[-4000:]}" if proxy is not None else ""
+            pytest.fail(f"timed out waiting for {what}{tail}")
+        time.sleep(0.05)

@@ -14,7 +14,6 @@ import imaplib
 import re
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,15 +202,6 @@ class Started:
     config: Path
     cache: Path | None
     port: int
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    """Every proxy a test starts; stopped at the end, each must exit 0."""
-    started: list[Proxy] = []
-    yield started
-    codes = [proxy.stop() for proxy in started]
-    assert codes == [0] * len(codes), "\n".join(proxy.output() for proxy in started)
 
 
 def register_fixture_tokens(world: World, case: Case) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import imaplib
 import json
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,14 +119,6 @@ def start_proxy(world: World, tmp_path: Path, account_section: str, account: dic
         "emailproxy": {"allow_catch_all_accounts": "True"},
     }
     return launch(world.ca_path, tmp_path, sections, ports)
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    started: list[Proxy] = []
-    yield started
-    for proxy in started:
-        assert proxy.stop() == 0, proxy.output()
 
 
 def imap_login(proxy: Proxy, user: str, password: str = PASSWORD) -> bytes:

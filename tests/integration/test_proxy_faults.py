@@ -12,7 +12,6 @@ import asyncio
 import base64
 import datetime
 import imaplib
-import ipaddress
 import os
 import poplib
 import random
@@ -23,19 +22,15 @@ import ssl
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 from emailproxy import cli
 from emailproxy.config import ConfigError, load_config
@@ -48,29 +43,32 @@ from tests.integration.proxy import (
     FAILURE_PREFIX,
     Proxy,
     allocate_ports,
+    assert_no_traceback,
     launch,
+    mail_sections,
     refused_login,
     render_config,
+    section_lines,
+    wait_for,
 )
+from tests.integration.rawsockets import (
+    READ_TIMEOUT,
+    ThreadedServer,
+    connect,
+    read_line,
+    read_until_closed,
+    send_quietly,
+)
+from tests.integration.world.ca import issue_server_certificate, new_authority, write_pem
 
 CLIENT_ID = "faults-client"
 CLIENT_SECRET = "faults-client-secret-P3v9"
 PASSWORD = "local-password-f4ults"
 PREFIX = b"Email OAuth 2.0 Proxy: "
-READ_TIMEOUT = 20.0  # only turns a hang into a failure
 
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    """Every proxy a test starts; stopped at the end, each must exit 0."""
-    started: list[Proxy] = []
-    yield started
-    codes = [proxy.stop() for proxy in started]
-    assert codes == [0] * len(codes), "\n".join(proxy.output() for proxy in started)
 
 
 def account_section(world: World, flow: str, client_id: str = CLIENT_ID) -> dict[str, str]:
@@ -86,38 +84,6 @@ def account_section(world: World, flow: str, client_id: str = CLIENT_ID) -> dict
     }
 
 
-def mail_sections(world: World, ports: dict[str, int]) -> dict[str, dict[str, str]]:
-    d = world.dovecot.ports
-    sections: dict[str, dict[str, str]] = {}
-    if "IMAP" in ports:
-        sections[f"IMAP-{ports['IMAP']}"] = {"server_address": d.host, "server_port": str(d.imaps)}
-    if "POP" in ports:
-        sections[f"POP-{ports['POP']}"] = {"server_address": d.host, "server_port": str(d.pop3s)}
-    if "SMTP" in ports:
-        sections[f"SMTP-{ports['SMTP']}"] = {
-            "server_address": "127.0.0.1",
-            "server_port": str(world.postfix.ports.submission),
-            "server_starttls": "True",
-        }
-    return sections
-
-
-def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=READ_TIMEOUT)
-    sock.settimeout(READ_TIMEOUT)
-    return sock
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
 def read_until(sock: socket.socket, marker: bytes) -> bytes:
     data = bytearray()
     while marker not in data:
@@ -126,43 +92,6 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
             break
         data += chunk
     return bytes(data)
-
-
-def read_until_closed(sock: socket.socket) -> tuple[bytes, bool]:
-    """Everything the peer sends until it closes: (data, closed). closed is False on a time-out."""
-    data = bytearray()
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return bytes(data), True
-            data += chunk
-    except ConnectionResetError:
-        return bytes(data), True
-    except TimeoutError:
-        return bytes(data), False
-
-
-def send_quietly(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-
-
-def section_lines(path: Path, section: str) -> list[str]:
-    lines: list[str] = []
-    current = ""
-    for line in path.read_text().splitlines():
-        if line.startswith("["):
-            current = line.strip()[1:-1]
-        elif current == section and line.strip():
-            lines.append(line)
-    return lines
-
-
-def assert_no_traceback(proxy: Proxy) -> None:
-    assert "Traceback" not in proxy.output(), proxy.output()
 
 
 def imap_session(port: int, user: str) -> None:
@@ -351,7 +280,7 @@ def test_identity_provider_bad_answer_to_a_refresh(
             grants = [r.grant_type for r in world.idp.token_requests()[before:]]
             assert grants == ["refresh_token", "password"], grants
             assert "invalid_grant" in proxy.log()
-            wait_until(lambda: section_lines(proxy.config_path, user) != cached_lines, "the new tokens saved")
+            wait_for(lambda: section_lines(proxy.config_path, user) != cached_lines, "the new tokens saved")
         else:
             reply = refused_login("IMAP", ports["IMAP"], user, PASSWORD, READ_TIMEOUT)
             assert reply.startswith(FAILURE_PREFIX["IMAP"]), reply
@@ -364,13 +293,6 @@ def test_identity_provider_bad_answer_to_a_refresh(
         assert_no_traceback(proxy)
     finally:
         world.idp.expires_in = previous_lifetime
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------ 2. certificates
@@ -394,70 +316,22 @@ class FaultCertificates:
     other_name: Leaf  # valid now, but for mail.other.example only
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
 @pytest.fixture(scope="module")
 def fault_certs(world: World, tmp_path_factory: pytest.TempPathFactory) -> FaultCertificates:
     """A second test CA, trusted by the proxy next to the world's, and two leaves with one fault each."""
     directory = tmp_path_factory.mktemp("fault-certs")
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("emailproxy fault-injection CA")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=30))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    day = datetime.timedelta(days=1)
+    ca_key, ca_cert = new_authority("emailproxy fault-injection CA", now - 30 * day, now + 30 * day)
 
-    def leaf(
-        name: str, hosts: list[x509.GeneralName], start: datetime.datetime, end: datetime.datetime
-    ) -> Leaf:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(hosts), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+    def leaf(name: str, hosts: list[str], start: datetime.datetime, end: datetime.datetime) -> Leaf:
+        key, cert = issue_server_certificate(ca_key, ca_cert, hosts, start, end)
         cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+        write_pem(cert, key, cert_path, key_path)
         return Leaf(cert_path, key_path)
 
-    loopback: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.DNSName("localhost"),
-    ]
-    expired = leaf("expired", loopback, now - datetime.timedelta(days=10), now - datetime.timedelta(days=1))
-    other = leaf(
-        "other-name",
-        [x509.DNSName("mail.other.example")],
-        now - datetime.timedelta(hours=1),
-        now + datetime.timedelta(days=10),
-    )
+    expired = leaf("expired", ["127.0.0.1", "localhost"], now - 10 * day, now - day)
+    other = leaf("other-name", ["mail.other.example"], now - datetime.timedelta(hours=1), now + 10 * day)
     bundle = directory / "trusted.pem"
     bundle.write_bytes(world.ca_path.read_bytes() + ca_cert.public_bytes(serialization.Encoding.PEM))
     return FaultCertificates(bundle, expired, other)
@@ -470,7 +344,7 @@ class TrapConnection:
     after_tls: bytearray = field(default_factory=bytearray)  # bytes received over TLS
 
 
-class TlsTrap:
+class TlsTrap(ThreadedServer):
     """An upstream IMAP (implicit TLS) or SMTP (STARTTLS) server presenting ``context``'s certificate; records
     what each connection sent before and after the TLS handshake."""
 
@@ -478,24 +352,11 @@ class TlsTrap:
         self.context = context
         self.starttls = starttls
         self.connections: list[TrapConnection] = []
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port: int = self._listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            record = TrapConnection()
-            with self._lock:
-                self.connections.append(record)
-            threading.Thread(target=self._handle, args=(conn, record), daemon=True).start()
+    def accepted(self, number: int) -> None:
+        with self._lock:
+            self.connections.append(TrapConnection())
 
     def _smtp_plaintext(self, conn: socket.socket, record: TrapConnection) -> bool:
         """Greet, answer EHLO with STARTTLS offered; True once STARTTLS was asked for and accepted."""
@@ -518,7 +379,9 @@ class TlsTrap:
                 else:
                     conn.sendall(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
 
-    def _handle(self, conn: socket.socket, record: TrapConnection) -> None:
+    def handle(self, conn: socket.socket, number: int) -> None:
+        with self._lock:
+            record = self.connections[number - 1]
         conn.settimeout(READ_TIMEOUT)
         sock: socket.socket = conn
         try:
@@ -539,11 +402,6 @@ class TlsTrap:
             record.handshake = record.handshake or f"connection failed: {error}"
         finally:
             sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._listener.close()
 
 
 CERT_FAULTS = {
@@ -618,44 +476,29 @@ def test_upstream_certificate_fault(
 # ------------------------------------------------------------------------------------------ 3. upstream reset
 
 
-class Forwarder:
+class Forwarder(ThreadedServer):
     """A TCP forwarder from 127.0.0.1 to ``target``, between the proxy and Dovecot (TLS passes through
     untouched). ``cut(after)`` lets ``after`` more bytes flow from the server to the proxy on every open
     connection, then resets the proxy's side (RST) and closes the server's."""
 
+    JOIN_HANDLERS = True
+
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
         self._budgets: dict[int, int | None] = {}  # connection number -> server bytes still allowed
         self.cuts = 0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        number = 0
-        while not self._stop.is_set():
-            try:
-                near, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            number += 1
-            with self._lock:
-                self._budgets[number] = None
-            thread = threading.Thread(target=self._pump, args=(number, near), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def accepted(self, number: int) -> None:
+        with self._lock:
+            self._budgets[number] = None
 
     def cut(self, after: int = 0) -> None:
         with self._lock:
             for number in self._budgets:
                 self._budgets[number] = after
 
-    def _pump(self, number: int, near: socket.socket) -> None:
+    def handle(self, near: socket.socket, number: int) -> None:
         try:
             far = socket.create_connection(self.target, timeout=READ_TIMEOUT)
         except OSError:
@@ -695,12 +538,6 @@ class Forwarder:
             with self._lock:
                 self._budgets.pop(number, None)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._accepter.join(timeout=5)
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._listener.close()
 
 
 def tagged_command(sock: socket.socket, tag: bytes, command: bytes) -> bytes:

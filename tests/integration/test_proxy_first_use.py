@@ -8,14 +8,21 @@ import configparser
 import imaplib
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch, proxy_env, record_command, render_config
+from tests.integration.proxy import (
+    Proxy,
+    allocate_ports,
+    launch,
+    proxy_env,
+    record_command,
+    render_config,
+    wait_for,
+)
 
 CLIENT_ID = "first-use-client"
 CLIENT_SECRET = "first-use-client-secret-value"
@@ -61,14 +68,6 @@ def imap_login(port: int, user: str, password: str) -> tuple[bool, str]:
         typ, data = imap.select("INBOX")
         assert typ == "OK", data
         return True, data[0].decode() if data and data[0] else ""
-
-
-def wait_for(condition: Callable[[], bool], what: str, proxy: Proxy, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; proxy log tail:\n{proxy.log()[-4000:]}")
-        time.sleep(0.05)
 
 
 def sections(world: World, port: int, account: str) -> dict[str, dict[str, str]]:

@@ -9,7 +9,6 @@ import imaplib
 import re
 import subprocess
 import sys
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch, proxy_env, render_config
+from tests.integration.proxy import Proxy, allocate_ports, launch, proxy_env, render_config, wait_for
 from tests.integration.world.idp import DEVICE_CODE_GRANT, pkce_challenge
 
 CLIENT_ID = "interactive-client"
@@ -31,17 +30,6 @@ URL_LINE = "Please visit the following URL to authenticate account {user}: "
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def logged_url(proxy_log: Callable[[], str], user: str) -> str:

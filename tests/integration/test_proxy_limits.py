@@ -12,15 +12,14 @@ import imaplib
 import poplib
 import re
 import smtplib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch
+from tests.integration.proxy import Proxy, allocate_ports, launch, wait_for
 from tests.integration.world.ports import LOOPBACK
 
 CLIENT_ID = "limits-ccg-client"
@@ -66,28 +65,6 @@ def start_proxy(world: World, tmp_path: Path, options: dict[str, str]) -> Proxy:
         "emailproxy": {"allow_catch_all_accounts": "True", **options},
     }
     return launch(world.ca_path, tmp_path, sections, ports)
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    """Proxies a test started; each is stopped at the end and must exit with 0."""
-    started: list[Proxy] = []
-    yield started
-    for proxy in started:
-        code = proxy.stop()
-        assert code == 0, proxy.output()
-
-
-def poll(attempt: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    """Call ``attempt`` until it returns something other than None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = attempt()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class POP3(poplib.POP3):
@@ -157,7 +134,7 @@ def test_connection_cap_refuses_politely_and_recovers(
     proxies.append(proxy)
     # the harness's start-up check connected to each listener: let the proxy see those connections close
     # (three sessions; on the implicit-TLS listener only a failed handshake, which never counts)
-    poll(lambda: proxy.log().count("client disconnected before login") >= 3 or None, "the start-up check")
+    wait_for(lambda: proxy.log().count("client disconnected before login") >= 3 or None, "the start-up check")
     ports = proxy.ports
     user = world.new_user()
     world.dovecot.deliver(user, world.dovecot.make_message("a@example.com", user, "kept", "still here"))
@@ -178,11 +155,11 @@ def test_connection_cap_refuses_politely_and_recovers(
     def open_imap() -> imaplib.IMAP4 | None:
         return opened(lambda: imaplib.IMAP4(LOCAL, ports["IMAP"], timeout=TIMEOUT))()
 
-    logged_in = poll(open_imap, "a first IMAP session")
+    logged_in = wait_for(open_imap, "a first IMAP session")
     logged_in.login(user, RIGHT)  # relaying sessions count, not only those before login
-    waiting = poll(open_imap, "a second IMAP session")
-    pop = poll(opened(lambda: POP3(LOCAL, ports["POP"], timeout=TIMEOUT)), "a POP session")
-    smtp = poll(opened(lambda: smtplib.SMTP(LOCAL, ports["SMTP"], timeout=TIMEOUT)), "an SMTP session")
+    waiting = wait_for(open_imap, "a second IMAP session")
+    pop = wait_for(opened(lambda: POP3(LOCAL, ports["POP"], timeout=TIMEOUT)), "a POP session")
+    smtp = wait_for(opened(lambda: smtplib.SMTP(LOCAL, ports["SMTP"], timeout=TIMEOUT)), "an SMTP session")
     assert smtp.ehlo()[0] == 250
 
     with pytest.raises(imaplib.IMAP4.error, match=f"{PREFIX}{BUSY}"):
@@ -211,7 +188,7 @@ def test_connection_cap_refuses_politely_and_recovers(
 
     # when a session ends, its place is free again
     logged_in.logout()
-    again = poll(open_imap, "an IMAP session after one closed")
+    again = wait_for(open_imap, "an IMAP session after one closed")
     again.login(user, RIGHT)
     again.logout()
     waiting.logout()
@@ -250,7 +227,7 @@ def test_backoff_after_wrong_passwords_spares_other_users_and_resets_on_success(
         assert result in ("OK", refused), result  # waiting is all it takes; retries do not lengthen it
         return True if result == "OK" else None
 
-    poll(logged_in, "the backoff to end")
+    wait_for(logged_in, "the backoff to end")
     # the success reset the count: one wrong password is answered normally, and the next login works
     assert imap_login(port, user, WRONG) == f"LOGIN {incorrect(user)}"
     assert imap_login(port, user, RIGHT) == "OK"
@@ -288,7 +265,7 @@ def test_many_unknown_accounts_hold_back_the_whole_address(
     assert refused == f"LOGIN {PREFIX}Too many failed logins from this address; try again in 1 s"
     warning = r"WARNING.*repeated failed logins from 127\.0\.0\.1: its logins are refused"
     assert re.search(warning, proxy.log())
-    poll(lambda: True if imap_login(port, user, RIGHT) == "OK" else None, "the address backoff to end")
+    wait_for(lambda: True if imap_login(port, user, RIGHT) == "OK" else None, "the address backoff to end")
 
 
 def test_backoff_can_be_turned_off(world: World, tmp_path: Path, proxies: list[Proxy]) -> None:

@@ -15,7 +15,6 @@ import datetime
 import imaplib
 import json
 import re
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch
+from tests.integration.proxy import Proxy, allocate_ports, launch, wait_for
 from tests.integration.world.idp import DEVICE_CODE_GRANT, JWT_BEARER, RecordedRequest, pkce_challenge
 
 PASSWORD = "local-password-7"
@@ -57,17 +56,6 @@ def assert_from_msal(request: RecordedRequest) -> None:
 
 def discoveries(world: World) -> list[RecordedRequest]:
     return [r for r in world.idp.requests if r.endpoint == "openid-configuration"]
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def imap_login(port: int, user: str, password: str = PASSWORD) -> str:

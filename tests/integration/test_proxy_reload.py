@@ -10,27 +10,18 @@ import os
 import poplib
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import World
-from tests.integration.proxy import Proxy, allocate_ports, launch, render_config
+from tests.integration.proxy import Proxy, allocate_ports, launch, render_config, wait_for
 from tests.integration.world.ports import is_listening
 
 CLIENT_ID = "reload-client"
 CLIENT_SECRET = "reload-secret-value"
 PASSWORD = "local-password"
-
-
-def wait_for(condition: Callable[[], bool], what: str, proxy: Proxy, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; proxy log tail:\n{proxy.log()[-4000:]}")
-        time.sleep(0.05)
 
 
 def save_like_an_editor(path: Path, text: str) -> None:

@@ -17,9 +17,8 @@ import signal
 import smtplib
 import socket
 import stat
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,31 +28,32 @@ from tests.integration.proxy import (
     FAILURE_PREFIX,
     Proxy,
     allocate_ports,
+    assert_no_traceback,
     launch,
+    mail_sections,
     proxy_env,
     refused_login,
     render_config,
+    section_lines,
 )
-from tests.integration.world.ports import LOOPBACK, free_port
+from tests.integration.rawsockets import (
+    READ_TIMEOUT,
+    ThreadedServer,
+    connect,
+    read_line,
+    read_until_closed,
+    send_quietly,
+)
+from tests.integration.world.ports import free_port
 
 CLIENT_ID = "robust-client"
 CLIENT_SECRET = "robust-client-secret-Qx7w2"  # a value distinctive enough to search logs for
 PASSWORD = "local-password-r0bust"  # with client credentials the local password only keys the cache
 PREFIX = "Email OAuth 2.0 Proxy: "
 SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
-READ_TIMEOUT = 20.0  # generous: only there to turn a hang into a failure, not a speed limit
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    """Every proxy a test starts; stopped at the end, each must exit 0."""
-    started: list[Proxy] = []
-    yield started
-    codes = [proxy.stop() for proxy in started]
-    assert codes == [0] * len(codes), "\n".join(proxy.output() for proxy in started)
 
 
 def account_section(world: World, flow: str = "client_credentials") -> dict[str, str]:
@@ -69,23 +69,6 @@ def account_section(world: World, flow: str = "client_credentials") -> dict[str,
         "client_id": CLIENT_ID,
         "client_secret": CLIENT_SECRET,
     }
-
-
-def mail_sections(world: World, ports: dict[str, int]) -> dict[str, dict[str, str]]:
-    """IMAP and POP over implicit TLS to Dovecot, SMTP with STARTTLS to Postfix's submission port."""
-    d = world.dovecot.ports
-    sections: dict[str, dict[str, str]] = {}
-    if "IMAP" in ports:
-        sections[f"IMAP-{ports['IMAP']}"] = {"server_address": d.host, "server_port": str(d.imaps)}
-    if "POP" in ports:
-        sections[f"POP-{ports['POP']}"] = {"server_address": d.host, "server_port": str(d.pop3s)}
-    if "SMTP" in ports:
-        sections[f"SMTP-{ports['SMTP']}"] = {
-            "server_address": LOOPBACK,
-            "server_port": str(world.postfix.ports.submission),
-            "server_starttls": "True",
-        }
-    return sections
 
 
 def start_standard(
@@ -106,23 +89,6 @@ def start_standard(
     return proxy
 
 
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT)
-    sock.settimeout(READ_TIMEOUT)
-    return sock
-
-
-def read_line(sock: socket.socket) -> bytes:
-    """One line (up to LF) read byte by byte, so nothing after it is consumed."""
-    data = bytearray()
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
 def read_reply(sock: socket.socket, protocol: str) -> bytes:
     """The greeting or reply: one line for IMAP/POP, every line of a multi-line reply for SMTP."""
     line = read_line(sock)
@@ -131,29 +97,6 @@ def read_reply(sock: socket.socket, protocol: str) -> bytes:
         line = read_line(sock)
         data += line
     return data
-
-
-def read_until_closed(sock: socket.socket) -> tuple[bytes, bool]:
-    """Everything the peer sends until it closes: (data, closed). closed is False on a time-out."""
-    data = bytearray()
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return bytes(data), True
-            data += chunk
-    except ConnectionResetError:
-        return bytes(data), True
-    except TimeoutError:
-        return bytes(data), False
-
-
-def send_quietly(sock: socket.socket, data: bytes) -> None:
-    """Send, ignoring the peer closing meanwhile (it may stop reading as soon as it has seen enough)."""
-    try:
-        sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
 
 
 def imap_login(port: int, user: str, password: str = PASSWORD) -> None:
@@ -193,10 +136,6 @@ PROTOCOLS = list(LOGINS)
 def assert_logged_in_upstream(world: World, user: str) -> None:
     checks = [check for check in world.idp.check_log if check.user == user]
     assert checks and all(check.ok for check in checks), checks
-
-
-def assert_no_traceback(proxy: Proxy) -> None:
-    assert "Traceback" not in proxy.output(), proxy.output()
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -267,23 +206,12 @@ def test_unfinished_imap_login_literal(world: World, tmp_path: Path, proxies: li
 # ------------------------------------------------------------------------------------------ faults
 
 
-def section_text(path: Path, section: str) -> list[str]:
-    lines: list[str] = []
-    current = ""
-    for line in path.read_text().splitlines():
-        if line.startswith("["):
-            current = line.strip()[1:-1]
-        elif current == section and line.strip():
-            lines.append(line)
-    return lines
-
-
 @pytest.mark.parametrize("fault", ["down", "http500"])
 def test_identity_provider_failure(world: World, tmp_path: Path, proxies: list[Proxy], fault: str) -> None:
     proxy = start_standard(world, tmp_path, proxies)
     cached_user = world.new_user("cached")
     imap_login(proxy.ports["IMAP"], cached_user)
-    cached_lines = section_text(proxy.config_path, cached_user)
+    cached_lines = section_lines(proxy.config_path, cached_user)
     assert any(line.startswith("access_token =") for line in cached_lines), proxy.config_path.read_text()
     cached_token = world.idp.issued[0].access_token
     requests_before = len(world.idp.token_requests())
@@ -302,7 +230,7 @@ def test_identity_provider_failure(world: World, tmp_path: Path, proxies: list[P
         assert len(world.idp.token_requests()) > requests_before, "the failing IdP was never asked"
     # the other account's cached token is neither wiped nor needed from the IdP
     imap_login(proxy.ports["IMAP"], cached_user)
-    assert section_text(proxy.config_path, cached_user) == cached_lines
+    assert section_lines(proxy.config_path, cached_user) == cached_lines
 
     if fault == "down":
         world.idp.set_down(False)
@@ -314,7 +242,7 @@ def test_identity_provider_failure(world: World, tmp_path: Path, proxies: list[P
         LOGINS[protocol](proxy.ports[protocol], user)
         assert_logged_in_upstream(world, user)
     imap_login(proxy.ports["IMAP"], cached_user)
-    assert section_text(proxy.config_path, cached_user) == cached_lines
+    assert section_lines(proxy.config_path, cached_user) == cached_lines
     assert_no_traceback(proxy)
 
 
@@ -390,7 +318,7 @@ def test_untrusted_upstream_certificate(world: World, tmp_path: Path, proxies: l
     assert_no_traceback(proxy)
 
 
-class FakeServer:
+class FakeServer(ThreadedServer):
     """A plaintext TCP server on 127.0.0.1 that greets, answers each line with ``respond(line)`` and
     records every byte it receives."""
 
@@ -399,25 +327,13 @@ class FakeServer:
         self.respond = respond
         self.received = bytearray()
         self.connections = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port: int = self._listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+    def accepted(self, number: int) -> None:
+        with self._lock:
+            self.connections += 1
 
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, number: int) -> None:
         with conn:
             conn.settimeout(READ_TIMEOUT)
             try:
@@ -440,10 +356,6 @@ class FakeServer:
         with self._lock:
             return bytes(self.received)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._listener.close()
 
 
 def fake_imap(line: bytes) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,22 +61,17 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_ca(
-    directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2", "localhost")
-) -> CertificateFiles:
-    """Create a CA and a server certificate for `hosts` (IPs or DNS names) and write them to `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    not_before = now - datetime.timedelta(hours=1)
-    not_after = now + datetime.timedelta(days=30)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("emailproxy test CA")
-    ca_cert = (
+def new_authority(
+    common_name: str, not_before: datetime.datetime, not_after: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA (P-256) that may sign server certificates."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(common_name)
+    cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -94,23 +90,32 @@ def make_ca(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
     )
+    return key, cert
 
+
+def issue_server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    hosts: Sequence[str],
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A serverAuth certificate for `hosts` (IPs or DNS names; the first is also the common name)."""
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
         x509.CertificateBuilder()
         .subject_name(_name(hosts[0]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -136,6 +141,28 @@ def make_ca(
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return key, cert
+
+
+def write_pem(
+    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path, key_path: Path
+) -> None:
+    """The certificate and its private key (unencrypted PKCS#8, mode 0600) as PEM files."""
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(_pem_key(key))
+    key_path.chmod(0o600)
+
+
+def make_ca(
+    directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2", "localhost")
+) -> CertificateFiles:
+    """Create a CA and a server certificate for `hosts` (IPs or DNS names) and write them to `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    not_before = now - datetime.timedelta(hours=1)
+    not_after = now + datetime.timedelta(days=30)
+    ca_key, ca_cert = new_authority("emailproxy test CA", not_before, not_after)
+    server_key, server_cert = issue_server_certificate(ca_key, ca_cert, hosts, not_before, not_after)
 
     files = CertificateFiles(
         directory=directory,
@@ -144,12 +171,8 @@ def make_ca(
         key_path=directory / "server.key",
         combined_path=directory / "server-combined.pem",
     )
-    cert_pem = server_cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = _pem_key(server_key)
     files.ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.cert_path.write_bytes(cert_pem)
-    files.key_path.write_bytes(key_pem)
-    files.key_path.chmod(0o600)
-    files.combined_path.write_bytes(cert_pem + key_pem)
+    write_pem(server_cert, server_key, files.cert_path, files.key_path)
+    files.combined_path.write_bytes(files.cert_path.read_bytes() + files.key_path.read_bytes())
     files.combined_path.chmod(0o600)
     return files
