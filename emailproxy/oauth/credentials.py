@@ -107,6 +107,21 @@ def uses_certificate(account: AccountConfig) -> bool:
     return bool(account.jwt_certificate_path and account.jwt_key_path)
 
 
+def chosen_secret(account: AccountConfig, client_secret: str | None) -> str | None:
+    """The secret a request authenticates with, or None (certificate or public client): a secret, when
+    there is one, beats certificate settings (as in the reference), which is logged, since the certificate
+    then goes unused."""
+    if not client_secret:
+        return None
+    if uses_certificate(account):
+        logger.warning(
+            "Account %s has both a client secret and jwt_certificate_path/jwt_key_path; using the "
+            "client secret (remove it to use the certificate)",
+            account.username,
+        )
+    return client_secret
+
+
 def client_assertion(account: AccountConfig, audience: str, now: float | None = None) -> str:
     """A signed client assertion for ``account``'s certificate, for the token endpoint ``audience``."""
     cert_path, key_path = account.jwt_certificate_path, account.jwt_key_path
@@ -140,14 +155,8 @@ def client_fields(
     it; when there is one it wins over certificate settings, as in the reference.
     """
     form = {"client_id": account.client_id or ""}
-    if client_secret:
-        if uses_certificate(account):
-            logger.warning(
-                "Account %s has both a client secret and jwt_certificate_path/jwt_key_path; using the "
-                "client secret (remove it to use the certificate)",
-                account.username,
-            )
-        form["client_secret"] = client_secret
+    if (secret := chosen_secret(account, client_secret)) is not None:
+        form["client_secret"] = secret
     elif uses_certificate(account):
         form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
         form["client_assertion"] = client_assertion(account, audience, now)

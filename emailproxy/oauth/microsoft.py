@@ -42,7 +42,13 @@ from emailproxy.config import AccountConfig
 from emailproxy.oauth import device, flows
 from emailproxy.oauth.authcode import Callback, CodeRequest
 from emailproxy.oauth.client import authority_for, is_microsoft_host
-from emailproxy.oauth.credentials import CredentialError, load_rsa_key, read_key_file, uses_certificate
+from emailproxy.oauth.credentials import (
+    CredentialError,
+    chosen_secret,
+    load_rsa_key,
+    read_key_file,
+    uses_certificate,
+)
 from emailproxy.oauth.device import DeviceAuthorization
 from emailproxy.oauth.endpoint import (
     DEFAULT_TIMEOUT,
@@ -229,15 +235,9 @@ def certificate_credential(account: AccountConfig) -> dict[str, str]:
 def _credential(account: AccountConfig, client_secret: str | None) -> _Credential:
     """The secret when there is one (it beats certificate settings, as in the reference), else the
     certificate, else none (a public client)."""
-    if client_secret:
-        if uses_certificate(account):
-            logger.warning(
-                "Account %s has both a client secret and jwt_certificate_path/jwt_key_path; using the "
-                "client secret (remove it to use the certificate)",
-                account.username,
-            )
-        digest = hashlib.sha256(b"secret\0" + client_secret.encode("utf-8")).hexdigest()
-        return _Credential("secret", digest, client_secret)
+    if (secret := chosen_secret(account, client_secret)) is not None:
+        digest = hashlib.sha256(b"secret\0" + secret.encode("utf-8")).hexdigest()
+        return _Credential("secret", digest, secret)
     if uses_certificate(account):
         cert = read_key_file(account.jwt_certificate_path or "", "jwt_certificate_path")
         key = read_key_file(account.jwt_key_path or "", "jwt_key_path")
